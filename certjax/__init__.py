@@ -1,0 +1,1 @@
+"""certjax: certified-robust Lipschitz classifiers in JAX/Flax."""
