@@ -148,9 +148,7 @@ def test_cifar10_archive(tmp_path):
 
 def test_cifar100_archive(tmp_path):
     path = tmp_path / "cifar-100-python.tar.gz"
-    written = _write_archive(
-        path, "cifar-100-python", [("train", 6, 100), ("test", 5, 100)], b"fine_labels"
-    )
+    written = _write_archive(path, "cifar-100-python", [("train", 6, 100), ("test", 5, 100)], b"fine_labels")
     for split in ("train", "test"):
         src = S.make_real_source(str(path), split, "cifar100")
         assert np.array_equal(src.images, _to_hwc(written[split][0]))
@@ -350,9 +348,7 @@ def test_labels_out_of_range(tmp_path):
     images, labels = _generated()
     labels[3] = 10
     path = _npz(tmp_path, image=images, label=labels)
-    with pytest.raises(
-        DataError, match=r"bad.npz: labels must lie in \[0, 10\), found .*\[0, 10\]"
-    ):
+    with pytest.raises(DataError, match=r"bad.npz: labels must lie in \[0, 10\), found .*\[0, 10\]"):
         S.GeneratedNpzSource(path, 10)
     with pytest.raises(DataError, match=r"mine: labels must lie in \[0, 10\)"):
         S.ArraySource(images, labels, 10, name="mine")

@@ -101,9 +101,7 @@ def _check_labels(labels, n_images, num_classes, where) -> np.ndarray:
     if labels.ndim != 1:
         raise DataError(f"{where}: labels have shape {labels.shape}, expected [N]")
     if len(labels) != n_images:
-        raise DataError(
-            f"{where}: {n_images} images but {len(labels)} labels; the counts must be equal"
-        )
+        raise DataError(f"{where}: {n_images} images but {len(labels)} labels; the counts must be equal")
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= num_classes:
         raise DataError(
@@ -662,9 +660,7 @@ def tfds_source(dataset_name: str, split: str, data_dir=None) -> TfdsSource:
     try:
         import tensorflow_datasets as tfds
     except Exception as e:  # ImportError, or its own imports failing (importlib_resources)
-        raise DataError(
-            f"{where}: cannot import tensorflow_datasets ({e}).\n{OFFLINE_OPTIONS}"
-        ) from e
+        raise DataError(f"{where}: cannot import tensorflow_datasets ({e}).\n{OFFLINE_OPTIONS}") from e
     try:
         try:
             ds = tfds.data_source(dataset_name, split=split, data_dir=data_dir, download=False)

@@ -1,0 +1,99 @@
+"""Certified radii from logit margins and Lipschitz bounds (shared/DESIGN.md, "Certification").
+
+For logits z(x) and true class y, the margins m_j = z_y - z_j (j != y).
+
+* l_inf families (l_inf-dist Net, SortNet): every logit is 1-Lipschitz w.r.t. l_inf of the *normalised*
+  input, so each m_j is 2-Lipschitz and the input-space radius is min_j m_j / 2 (ICML'21, Prop. 3.5).
+
+Input normalisation x' = (x - mean) / std scales a pixel-space perturbation delta to delta / std per channel,
+whose norm is at most ||delta|| / min(std) (l_inf and l_2 alike). So a radius r' in normalised space is a
+radius
+r' * min(std) in pixel space. `pixel_radius_scale` is the one place this is folded in.
+
+Rounding: logits are computed in float32, so the computed margin can exceed the exact one by accumulated
+rounding error. We subtract `rounding_slack(...)` from every margin before dividing, and compare with a strict
+`>`: a point on the boundary (or any tie, e.g. all-zero logits) is never certified.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Margin slack for float32 rounding of the logits: RELATIVE * (|z_y| + |z_j|) + ABSOLUTE. A float32 distance
+# layer adds a few ulps (2^-24 relative) of its operand magnitudes per layer; for the depths used here
+# (<= ~40 layers) and magnitudes < 1e3, 1e-5 relative + 1e-5 absolute bounds this with a wide safety factor.
+RELATIVE_ROUNDING = 1e-5
+ABSOLUTE_ROUNDING = 1e-5
+
+
+def pixel_radius_scale(std) -> float:
+    """Normalised-space radius -> pixel-space radius: multiply by min(std) (rounded down)."""
+    scale = float(np.min(np.asarray(std, np.float64)))
+    return float(np.nextafter(np.float32(scale), np.float32(0)))
+
+
+def round_up_float32(value: float) -> np.float32:
+    """The smallest float32 >= value (a budget eps must never shrink when it becomes float32)."""
+    rounded = np.float32(value)
+    if float(rounded) < value:
+        rounded = np.nextafter(rounded, np.float32(np.inf))
+    return rounded
+
+
+def rounding_slack(true_logit, other_logits):
+    return RELATIVE_ROUNDING * (jnp.abs(true_logit) + jnp.abs(other_logits)) + ABSOLUTE_ROUNDING
+
+
+def margin_lipschitz_linf(logits):
+    """Lipschitz constant of each margin z_y - z_j w.r.t. l_inf when every logit is 1-Lipschitz: 2."""
+    return jnp.full(logits.shape, 2.0, logits.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("pixel_scale",))
+def certify_from_margins(logits, labels, margin_lipschitz, eps, *, pixel_scale: float):
+    """Per-example prediction, certified radius (pixel units) and certified flag at eps (pixel units).
+
+    margin_lipschitz[b, j] bounds the Lipschitz constant of z_y - z_j in normalised input space (the entry at
+    j = y is ignored). radius = min_j (m_j - slack_j) / margin_lipschitz_j, clipped at 0; a misclassified
+    point
+    has radius 0 (its smallest margin is <= 0). certified = prediction correct and radius > eps.
+    """
+    logits = logits.astype(jnp.float32)
+    num_classes = logits.shape[-1]
+    is_true = jax.nn.one_hot(labels, num_classes, dtype=bool)
+    true_logit = jnp.take_along_axis(logits, labels[:, None], axis=1)
+    slack = rounding_slack(true_logit, logits)
+    per_class = (true_logit - logits - slack) / margin_lipschitz
+    per_class = jnp.where(is_true, jnp.inf, per_class)
+    radius_normalised = jnp.maximum(jnp.min(per_class, axis=-1), 0.0)
+    # Round the pixel radius down so that it never exceeds the normalised one times min(std).
+    radius = jnp.nextafter(radius_normalised * pixel_scale, jnp.float32(0))
+    radius = jnp.maximum(radius, 0.0)
+    prediction = jnp.argmax(logits, axis=-1)
+    correct = prediction == labels
+    certified = correct & (radius > eps)
+    return {"prediction": prediction, "correct": correct, "radius": radius, "certified": certified}
+
+
+def linf_certify(logits, labels, eps: float, std):
+    """l_inf certificate for networks whose every logit is 1-Lipschitz in l_inf (normalised space)."""
+    return certify_from_margins(
+        logits,
+        labels,
+        margin_lipschitz_linf(logits),
+        round_up_float32(eps),
+        pixel_scale=pixel_radius_scale(std),
+    )
+
+
+THREAT_MODELS = {"linf": linf_certify}
+
+
+def get_certifier(threat_model: str):
+    if threat_model not in THREAT_MODELS:
+        raise ValueError(f"Unknown threat model {threat_model!r}; valid: {sorted(THREAT_MODELS)}")
+    return THREAT_MODELS[threat_model]

@@ -1,0 +1,142 @@
+"""Evaluate a checkpoint: clean and certified accuracy on the full test set, radii, a results record.
+
+Reads the config saved beside the checkpoint, so evaluation certifies exactly the trained model (same family,
+normalisation and eps). Every evaluation appends one JSON line to `<workdir>/results.jsonl`, written to a
+temporary file and renamed over the old one, so the results file is never half-written. Per-example radii go
+to
+`<workdir>/eval/radii_step<step>.npz` (input to the radius-distribution figures).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import tempfile
+
+import jax
+import numpy as np
+
+from certjax import checkpoints
+from certjax.data import pipeline
+from certjax.writers import console
+
+
+def atomic_write_bytes(path: str, payload: bytes) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def append_record(path: str, record: dict) -> None:
+    """Append one JSON line: old contents + new line written to a temp file, then renamed atomically."""
+    old = b""
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            old = f.read()
+        if old and not old.endswith(b"\n"):
+            old += b"\n"
+    atomic_write_bytes(path, old + (json.dumps(record, sort_keys=True) + "\n").encode())
+
+
+def save_radii(path: str, results: dict[str, np.ndarray]) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **results)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def evaluate_checkpoint(workdir: str, which: str = "best", train_subset: int = 10_000) -> dict:
+    """Certify the test set with the chosen checkpoint; print and record the results."""
+    from certjax.train import (
+        Experiment,
+    )  # import here: train imports this module's helpers indirectly
+
+    manager = checkpoints.make_manager(workdir, read_only=True)
+    step = checkpoints.select_step(manager, which)
+    config = checkpoints.restore_config(manager, step)
+    exp = Experiment(config, need_train_data=False)
+    state = checkpoints.restore_state(manager, step, exp.abstract_restore_target())
+    saved_metrics = manager.metrics(step) or {}
+    last_step = manager.latest_step()
+    best = checkpoints.best_step(manager)
+    manager.close()
+
+    test_batches = pipeline.eval_batches(exp.sources.test, config.train.eval_batch_size)
+    results = exp.certify_batches(state.params, state.model_state, test_batches)
+    clean = float(results["correct"].mean())
+    certified = float(results["certified"].mean())
+
+    train_sources = pipeline.make_sources(config, need_train=True, need_generated=False)
+    train_eval = exp.evaluate_source(state, train_sources.train, train_subset)
+
+    spe = max(int(round(step / max(saved_metrics.get("epoch", 1), 1))), 1)
+    radii_path = os.path.join(os.path.abspath(workdir), "eval", f"radii_step{step}.npz")
+    if jax.process_index() == 0:
+        save_radii(radii_path, results)
+    generated_count = 0
+    if config.data.get("generated", ""):
+        from certjax.data.sources import GeneratedNpzSource
+
+        generated_count = len(
+            GeneratedNpzSource(
+                config.data.generated,
+                exp.num_classes,
+                limit=config.data.get("generated_limit", 0) or None,
+                seed=config.seed,
+            )
+        )
+    record = {
+        "family": config.get("family", config.model.name),
+        "variant": config.get("variant", ""),
+        "dataset": config.data.dataset,
+        "aux_amount": generated_count,
+        "generated_path": config.data.get("generated", ""),
+        "real_fraction": float(config.data.real_fraction) if generated_count else 1.0,
+        "real_subset": int(config.data.get("real_subset", 0)),
+        "epochs": int(config.train.epochs),
+        "seed": int(config.seed),
+        "eps": float(config.certify.eps),
+        "checkpoint": which,
+        "step": int(step),
+        "epoch": int(saved_metrics.get("epoch", step // spe)),
+        "best_epoch": int(manager_metrics_epoch(workdir, best) if best is not None else 0),
+        "last_epoch": int(manager_metrics_epoch(workdir, last_step)),
+        "clean_accuracy": clean,
+        "certified_accuracy": certified,
+        "train_clean_accuracy": train_eval["clean_accuracy"],
+        "train_certified_accuracy": train_eval["certified_accuracy"],
+        "train_accuracy_last_epoch": float(saved_metrics.get("train_accuracy", float("nan"))),
+        "num_test": int(len(results["label"])),
+        "radii_path": radii_path,
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if jax.process_index() == 0:
+        append_record(os.path.join(workdir, "results.jsonl"), record)
+    console(
+        f"evaluate {which} checkpoint (step {step}, epoch {record['epoch']}): "
+        f"clean accuracy {clean:.4f}, certified accuracy {certified:.4f} at eps "
+        f"{config.certify.eps:.5f} ({record['num_test']} test images); train clean "
+        f"{train_eval['clean_accuracy']:.4f}"
+    )
+    return record
+
+
+def manager_metrics_epoch(workdir: str, step: int | None) -> int:
+    if step is None:
+        return 0
+    manager = checkpoints.make_manager(workdir, read_only=True)
+    metrics = manager.metrics(step) or {}
+    manager.close()
+    return int(metrics.get("epoch", 0))

@@ -1,0 +1,89 @@
+"""l_inf-dist Net (Zhang et al., "Towards certifying l_inf robustness using neural networks with l_inf-dist
+neurons", ICML'21; recipe of zbh2047/L_inf-dist-net-v2, see shared/RECIPES.md).
+
+Every unit is u(x) = ||x - w||_p (+ b); at p = inf each unit is 1-Lipschitz w.r.t. l_inf, and so is the whole
+composition, so every raw logit z_j = -y_j is 1-Lipschitz (paper Sec. 3, Fact 3.4) and the margin certificate
+of
+`certjax.certify.linf_certify` applies. The learnable scale s only multiplies the logits fed to the
+cross-entropy term of the loss; certification uses the raw z.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from certjax.kernels.linf_dist import lp_distance
+from certjax.models.layers import MeanShift
+
+THREAT_MODEL = "linf"
+
+
+def identity_init(scale: float = -10.0):
+    """N(0, 1) weights, with w[o, o mod in] = scale: unit o starts as a shifted copy of input o mod in.
+
+    With w = -10 on that coordinate, |x_i + 10| dominates the max for normalised inputs (|x| < 3), so the
+    layer starts as y_o = x_{o mod in} + 10: an identity map up to a shift (ICML'21 Sec. 5.1).
+    """
+
+    def init(key, shape, dtype=jnp.float32):
+        out_features, in_features = shape
+        w = jax.random.normal(key, shape, dtype)
+        rows = jnp.arange(out_features)
+        return w.at[rows, rows % in_features].set(scale)
+
+    return init
+
+
+class DistLayer(nn.Module):
+    """Fully connected l_p-dist layer: y[b, o] = ||x[b] - w[o]||_p (+ bias), then optional mean shift."""
+
+    features: int
+    use_bias: bool = False
+    mean_shift: bool = True
+    identity: bool = False
+
+    @nn.compact
+    def __call__(self, x, p, *, train: bool):
+        in_features = x.shape[-1]
+        use_identity = self.identity and (in_features <= self.features)
+        init = identity_init() if use_identity else nn.initializers.normal(1.0)
+        w = self.param("kernel", init, (self.features, in_features))
+        y = lp_distance(x, w, p)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,))
+        if self.mean_shift:
+            y = MeanShift()(y, train=train)
+        return y
+
+
+class LinfDistNet(nn.Module):
+    """depth distance layers: (depth - 1) x [width, mean shift], then [num_classes, bias].
+
+    Input: normalised images [B, 32, 32, 3] (flattened here). Returns (z, s): raw logits z = -y_last, each
+    1-Lipschitz in l_inf at p = inf, and the learnable logit scale s used by the cross-entropy term.
+    """
+
+    depth: int = 6
+    width: int = 5120
+    num_classes: int = 10
+    identity_init: bool = True
+
+    @nn.compact
+    def __call__(self, x, p=jnp.inf, *, train: bool = False):
+        h = x.reshape(x.shape[0], -1)
+        for _ in range(self.depth - 1):
+            h = DistLayer(self.width, mean_shift=True, identity=self.identity_init)(h, p, train=train)
+        y = DistLayer(self.num_classes, use_bias=True, mean_shift=False)(h, p, train=train)
+        scale = self.param("logit_scale", nn.initializers.ones, ())
+        return -y, scale
+
+
+def build(model_config, num_classes: int) -> nn.Module:
+    return LinfDistNet(
+        depth=model_config.depth,
+        width=model_config.width,
+        num_classes=num_classes,
+        identity_init=model_config.identity_init,
+    )

@@ -1,0 +1,354 @@
+"""TrainState, the jitted train and eval steps, and the training loop (shared/DESIGN.md, "Training").
+
+`train_step(state, batch, schedule) -> (state, metrics)` is a pure function, jitted once: the per-step
+schedule values (p of the l_p phase, the loss weight lam, eps_train) are traced float32 scalars, so changing
+them never recompiles. Randomness comes from `fold_in(state.rng, state.step)`, so a resumed run draws the same
+numbers as an uninterrupted one; together with the step-indexed pipeline this makes resume bit-exact on CPU.
+
+Parallelism: one `Mesh` over all devices with a `data` axis; batches are sharded along it and the state is
+replicated, so statistics such as the mean-shift batch means are taken over the global batch by XLA.
+"""
+
+import math
+import os
+import time
+from typing import Any
+
+import flax
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from clu import metrics as clu_metrics
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from certjax import checkpoints, schedules
+from certjax.certify import get_certifier, pixel_radius_scale
+from certjax.data import pipeline
+from certjax.data.augment import normalize, random_crop_flip
+from certjax.losses import get_loss
+from certjax.models import get_family
+from certjax.writers import MetricWriter, console
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    model_state: Any  # mutable collections: running means of mean shift, power-iteration vectors, ...
+    opt_state: Any
+    rng: jax.Array  # raw uint32 key; per-step keys are fold_in(rng, step)
+
+
+@flax.struct.dataclass
+class TrainMetrics(clu_metrics.Collection):
+    loss: clu_metrics.Average.from_output("loss")
+    accuracy: clu_metrics.Average.from_output("accuracy")
+
+
+# ----------------------------------------------------------------------------------------------- optimiser
+
+
+def learning_rate_schedule(opt_config, base_lr: float, total_steps: int, steps_per_epoch: int):
+    warmup = int(round(opt_config.get("warmup_epochs", 0) * steps_per_epoch))
+    name = opt_config.schedule
+    if name == "cosine":
+        decay = optax.cosine_decay_schedule(base_lr, max(total_steps - warmup, 1))
+    elif name == "constant":
+        decay = optax.constant_schedule(base_lr)
+    elif name == "multistep":
+        boundaries = {
+            int(round(f * total_steps)) - warmup: opt_config.get("gamma", 0.1)
+            for f in opt_config.get("milestones", (0.5, 0.75))
+        }
+        decay = optax.piecewise_constant_schedule(base_lr, boundaries)
+    else:
+        raise ValueError(f"optimizer.schedule {name!r}; valid: cosine, constant, multistep")
+    if warmup:
+        return optax.join_schedules([optax.linear_schedule(0.0, base_lr, warmup), decay], [warmup])
+    return decay
+
+
+def make_optimizer(opt_config, total_steps: int, steps_per_epoch: int):
+    """Adam/AdamW/SGD with a per-step schedule; the logit scale gets its own learning rate (v2: 0.006)."""
+
+    def base(lr_value):
+        schedule = learning_rate_schedule(opt_config, lr_value, total_steps, steps_per_epoch)
+        if opt_config.name == "adam":
+            return optax.adam(schedule, b1=opt_config.b1, b2=opt_config.b2, eps=opt_config.eps)
+        if opt_config.name == "adamw":
+            return optax.adamw(
+                schedule,
+                b1=opt_config.b1,
+                b2=opt_config.b2,
+                eps=opt_config.eps,
+                weight_decay=opt_config.weight_decay,
+            )
+        if opt_config.name == "sgd":
+            chain = [optax.sgd(schedule, momentum=opt_config.get("momentum", 0.9))]
+            if opt_config.weight_decay:
+                chain.insert(0, optax.add_decayed_weights(opt_config.weight_decay))
+            return optax.chain(*chain)
+        raise ValueError(f"optimizer.name {opt_config.name!r}; valid: adam, adamw, sgd")
+
+    scale_lr = opt_config.get("scale_lr", 0.0) or opt_config.lr
+
+    def labels(params):
+        flat = flax.traverse_util.flatten_dict(params)
+        return flax.traverse_util.unflatten_dict(
+            {k: "scale" if k[-1] == "logit_scale" else "main" for k in flat}
+        )
+
+    tx = optax.multi_transform({"main": base(opt_config.lr), "scale": base(scale_lr)}, labels)
+    if opt_config.get("clip_norm", 0.0):
+        tx = optax.chain(optax.clip_by_global_norm(opt_config.clip_norm), tx)
+    return tx
+
+
+# ------------------------------------------------------------------------------------------------- steps
+
+
+class Experiment:
+    """Everything derived from a config: model, optimiser, sources, jitted steps. No training state."""
+
+    def __init__(self, config: ml_collections.ConfigDict, *, need_train_data: bool = True):
+        self.config = config
+        self.family = get_family(config.model.name)
+        self.sources = pipeline.make_sources(config, need_train=need_train_data)
+        self.num_classes = self.sources.num_classes
+        self.model = self.family.build(config.model, self.num_classes)
+        self.loss_fn = get_loss(config.loss.name)
+        self.certifier = get_certifier(self.family.THREAT_MODEL)
+        self.input_scale = 1.0 / pixel_radius_scale(config.data.std)  # pixel eps -> normalised eps
+        self.mesh = Mesh(np.asarray(jax.devices()), ("data",))
+        self.replicated = NamedSharding(self.mesh, P())
+        self.batch_sharding = NamedSharding(self.mesh, P("data"))
+        if need_train_data:
+            bs = config.train.batch_size
+            if bs % jax.device_count():
+                raise ValueError(
+                    f"train.batch_size={bs} must be divisible by the device count {jax.device_count()}"
+                )
+            self.batches = pipeline.MixedBatches(
+                real=self.sources.train,
+                generated=self.sources.generated,
+                batch_size=bs,
+                real_fraction=self.sources.real_fraction,
+                seed=config.seed,
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
+            )
+            self.steps_per_epoch = self.batches.steps_per_epoch
+        else:
+            self.steps_per_epoch = math.ceil(len(self.sources.test) / config.train.batch_size)
+        self.total_steps = config.train.epochs * self.steps_per_epoch
+        self.tx = make_optimizer(config.optimizer, self.total_steps, self.steps_per_epoch)
+        self.train_step = jax.jit(self._train_step, donate_argnums=(0,))
+        self.eval_step = jax.jit(self._eval_step)
+
+    # -- state
+
+    def _init(self, rng):
+        init_rng, state_rng = jax.random.split(rng)
+        dummy = jnp.zeros((2, 32, 32, 3), jnp.float32)
+        variables = self.model.init(init_rng, dummy, jnp.float32(jnp.inf), train=False)
+        params = variables.pop("params")
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            model_state=dict(variables),
+            opt_state=self.tx.init(params),
+            rng=state_rng,
+        )
+
+    def abstract_state(self):
+        return jax.eval_shape(self._init, jax.random.PRNGKey(0))
+
+    def init_state(self) -> TrainState:
+        shardings = jax.tree.map(lambda _: self.replicated, self.abstract_state())
+        init = jax.jit(self._init, out_shardings=shardings)
+        return init(jax.random.PRNGKey(self.config.seed))
+
+    def abstract_restore_target(self):
+        return jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated),
+            self.abstract_state(),
+        )
+
+    # -- steps
+
+    def _inputs(self, images_uint8, rng=None):
+        aug = self.config.augment
+        if rng is not None:
+            images_uint8 = random_crop_flip(
+                rng, images_uint8, pad=aug.pad, pad_mode=aug.pad_mode, flip=aug.flip
+            )
+        return normalize(images_uint8, self.config.data.mean, self.config.data.std)
+
+    def _train_step(self, state: TrainState, batch, schedule):
+        step_rng = jax.random.fold_in(state.rng, state.step)
+        aug_rng, model_rng = jax.random.split(step_rng)
+        images = self._inputs(batch["image"], aug_rng)
+        labels = batch["label"]
+        loss_schedule = dict(schedule, eps_train=schedule["eps_train"] * self.input_scale)
+
+        def loss_of(params):
+            (logits, logit_scale), updates = self.model.apply(
+                {"params": params, **state.model_state},
+                images,
+                schedule["p"],
+                train=True,
+                mutable=list(state.model_state.keys()),
+                rngs={"dropout": model_rng},
+            )
+            losses = self.loss_fn(logits, logit_scale, labels, loss_schedule, self.config.loss)
+            return jnp.mean(losses), (logits, updates)
+
+        (loss, (logits, updates)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+        param_updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, param_updates)
+        new_state = state.replace(
+            step=state.step + 1, params=params, model_state=dict(updates), opt_state=opt_state
+        )
+        metrics = TrainMetrics.single_from_model_output(
+            loss=loss, accuracy=(jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+        )
+        return new_state, metrics
+
+    def _eval_step(self, params, model_state, batch):
+        images = self._inputs(batch["image"])
+        logits, _ = self.model.apply(
+            {"params": params, **model_state}, images, jnp.float32(jnp.inf), train=False
+        )
+        return logits
+
+    def certify_batches(self, params, model_state, batches) -> dict[str, np.ndarray]:
+        """Per-example prediction / correct / radius / certified / label over an iterable of batches."""
+        outputs = []
+        eval_bs = self.config.train.eval_batch_size
+        for batch in batches:
+            n = len(batch["label"])
+            pad = (-n) % jax.device_count()  # shard evenly; padded rows are dropped below
+            if pad:
+                batch = {k: np.concatenate([v, v[:1].repeat(pad, 0)]) for k, v in batch.items()}
+            batch = jax.device_put(batch, self.batch_sharding)
+            logits = self.eval_step(params, model_state, batch)
+            result = self.certifier(logits, batch["label"], self.config.certify.eps, self.config.data.std)
+            result["label"] = batch["label"]
+            outputs.append(jax.tree.map(lambda a, n=n: np.asarray(a)[:n], result))
+        del eval_bs
+        return {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
+
+    def evaluate_source(self, state, source, limit: int = 0) -> dict[str, float]:
+        batches = pipeline.eval_batches(source, self.config.train.eval_batch_size, limit)
+        results = self.certify_batches(state.params, state.model_state, batches)
+        return {
+            "clean_accuracy": float(results["correct"].mean()),
+            "certified_accuracy": float(results["certified"].mean()),
+        }
+
+
+# -------------------------------------------------------------------------------------------------- loop
+
+
+def _device_schedule(values: dict[str, float]) -> dict[str, np.ndarray]:
+    return {k: np.float32(v) for k, v in values.items()}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Train (resuming from the latest checkpoint in workdir if any), evaluating every few epochs."""
+    os.makedirs(workdir, exist_ok=True)
+    exp = Experiment(config)
+    console(exp.sources.describe())
+    manager = checkpoints.make_manager(workdir, keep=config.checkpoint.keep)
+    latest = manager.latest_step()
+    if latest is not None:
+        state = checkpoints.restore_state(manager, latest, exp.abstract_restore_target())
+        console(f"Resuming from {checkpoints.checkpoint_dir(workdir)} at step {latest}.")
+    else:
+        state = exp.init_state()
+    start_step = int(state.step)
+    spe = exp.steps_per_epoch
+    total = exp.total_steps
+    num_params = sum(x.size for x in jax.tree.leaves(state.params))
+    console(
+        f"{config.family}:{config.variant} params={num_params:,} epochs={config.train.epochs} "
+        f"steps/epoch={spe} batch={config.train.batch_size} "
+        f"(real {exp.batches.num_real} + generated {exp.batches.num_generated})"
+    )
+
+    writer = MetricWriter(os.path.join(workdir, "tensorboard"))
+    lr_schedule = learning_rate_schedule(config.optimizer, config.optimizer.lr, total, spe)
+    train_metrics = None
+    window_start, window_images = time.perf_counter(), 0
+    run_start, run_start_step = time.perf_counter(), start_step
+    batches = exp.batches.iterate(start_step, total, threads=config.data.reader_threads)
+    for step in range(start_step, total):
+        batch = jax.device_put(next(batches), exp.batch_sharding)
+        values = schedules.schedule_values(config, step, total)
+        state, step_metrics = exp.train_step(state, batch, _device_schedule(values))
+        train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
+        window_images += config.train.batch_size
+        done = step + 1
+        epoch_end = done % spe == 0 or done == total
+        if done % config.train.log_every_steps == 0 or epoch_end:
+            summary = train_metrics.compute()
+            if not np.isfinite(summary["loss"]):
+                raise FloatingPointError(f"Non-finite training loss at step {done}: {summary['loss']}")
+            now = time.perf_counter()
+            img_s = window_images / max(now - window_start, 1e-9)
+            eta = (total - done) * (now - run_start) / max(done - run_start_step, 1)
+            console(
+                f"epoch {done / spe:7.2f} step {done}/{total} loss {summary['loss']:.4f} "
+                f"acc {summary['accuracy']:.4f} p {values['p']:.4g} lr {float(lr_schedule(step)):.3g} "
+                f"{img_s:.1f} img/s ETA {_hms(eta)}"
+            )
+            writer.write_scalars(
+                done,
+                {
+                    "train/loss": summary["loss"],
+                    "train/accuracy": summary["accuracy"],
+                    "train/p": min(values["p"], 1e6),
+                    "train/lr": float(lr_schedule(step)),
+                    "train/img_per_s": img_s,
+                },
+            )
+            window_start, window_images = time.perf_counter(), 0
+        if epoch_end:
+            epoch = done // spe if done % spe == 0 else config.train.epochs
+            epoch_train = train_metrics.compute()
+            train_metrics = None
+            save_now = epoch % config.checkpoint.every_epochs == 0 or done == total
+            if epoch % config.train.eval_every_epochs == 0 or save_now:
+                test = exp.evaluate_source(state, exp.sources.test, config.train.eval_subset)
+                console(
+                    f"epoch {epoch}: test clean {test['clean_accuracy']:.4f} certified "
+                    f"{test['certified_accuracy']:.4f} (eps {config.certify.eps:.5f})"
+                )
+                writer.write_scalars(done, {f"test/{k}": v for k, v in test.items()})
+            if save_now:
+                checkpoints.save(
+                    manager,
+                    done,
+                    state,
+                    config,
+                    {
+                        **test,
+                        "epoch": epoch,
+                        "train_accuracy": float(epoch_train["accuracy"]),
+                        "train_loss": float(epoch_train["loss"]),
+                    },
+                )
+            window_start, window_images = time.perf_counter(), 0
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+    return state
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

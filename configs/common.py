@@ -1,0 +1,63 @@
+"""Defaults every family shares: data, mixer, evaluation, checkpointing, logging.
+
+Each family's config file starts from `get_common()` and sets its recipe (shared/RECIPES.md).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
+
+
+def get_common() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.family = ""  # e.g. "linf_dist"; recorded in results
+    config.variant = ""  # the get_config argument; recorded in results
+    config.seed = 0
+
+    config.data = ml_collections.ConfigDict()
+    config.data.dataset = "cifar10"  # cifar10 | cifar100
+    # Real data: "tfds" (download), "demo" (embedded 5k/1k CIFAR-10 sample), a cifar-*-python.tar.gz, an image
+    # folder or zip of class folders; "{split}" in a path is replaced by train / test.
+    config.data.real = "tfds"
+    config.data.tfds_data_dir = ""
+    config.data.real_subset = 0  # 0 = all; else N training images
+    config.data.real_subset_mode = "random"  # first | random (fixed by seed)
+    config.data.generated = ""  # path to an EDM .npz; "" = real data only
+    config.data.generated_limit = 0  # 0 = all; else a fixed random subset of N images
+    config.data.real_fraction = 0.3  # real share of every batch when generated data is given
+    config.data.mean = CIFAR10_MEAN
+    config.data.std = (0.2009, 0.2009, 0.2009)
+    config.data.reader_threads = 2
+
+    config.augment = ml_collections.ConfigDict()
+    config.augment.pad = 4
+    config.augment.pad_mode = "constant"
+    config.augment.flip = True
+
+    config.train = ml_collections.ConfigDict()
+    config.train.epochs = 100
+    config.train.batch_size = 256
+    config.train.log_every_steps = 50
+    config.train.eval_every_epochs = 1
+    config.train.eval_subset = 0  # test images evaluated per epoch during training; 0 = all
+    config.train.eval_batch_size = 500
+
+    config.certify = ml_collections.ConfigDict()
+    config.certify.eps = 8 / 255  # pixel units
+
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.every_epochs = 10
+    config.checkpoint.keep = 2  # last k; the best by certified accuracy is kept as well
+    return config
+
+
+def parse_variant(arg: str, valid: set[str]) -> set[str]:
+    """'a,b' -> {'a', 'b'}; an unknown part raises naming the valid ones."""
+    parts = {part.strip() for part in (arg or "").split(",") if part.strip()}
+    unknown = parts - valid
+    if unknown:
+        raise ValueError(f"Unknown config variant(s) {sorted(unknown)}; valid: {sorted(valid)}")
+    return parts

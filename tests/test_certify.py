@@ -1,0 +1,115 @@
+"""Certification: the margin rule by hand, safe rounding, and an attack that never breaks a certificate."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from certjax.attack import pgd_linf, smallest_margin
+from certjax.certify import linf_certify, pixel_radius_scale, round_up_float32
+
+STD = (0.2, 0.25, 0.3)
+
+
+def test_linf_radius_hand_computed():
+    logits = jnp.array([[3.0, 1.0, 2.0], [0.0, 1.0, 0.2], [5.0, 4.0, 0.0]])
+    labels = jnp.array([0, 1, 0])
+    out = linf_certify(logits, labels, eps=0.05, std=STD)
+    # radius (pixels) = min_j (m_j - slack_j) / 2 * min(std), slack_j = 1e-5 (|z_y| + |z_j|) + 1e-5
+    expected = [
+        min(2 - 1e-5 * 4 - 1e-5, 1 - 1e-5 * 5 - 1e-5) / 2 * 0.2,
+        min(1 - 1e-5 * 1 - 1e-5, 0.8 - 1e-5 * 1.2 - 1e-5) / 2 * 0.2,
+        min(1 - 1e-5 * 9 - 1e-5, 5 - 1e-5 * 5 - 1e-5) / 2 * 0.2,
+    ]
+    np.testing.assert_allclose(out["radius"], expected, rtol=1e-6)
+    np.testing.assert_array_equal(out["certified"], [True, True, True])
+    out = linf_certify(logits, labels, eps=0.09, std=STD)
+    np.testing.assert_array_equal(out["certified"], [True, False, True])
+
+
+def test_misclassified_and_ties_are_never_certified():
+    logits = jnp.array([[0.0, 0.0, 0.0], [1.0, 2.0, 0.0], [2.0, 2.0, 1.0]])
+    labels = jnp.array([0, 0, 1])
+    out = linf_certify(logits, labels, eps=0.0, std=STD)
+    np.testing.assert_array_equal(out["certified"], [False, False, False])
+    np.testing.assert_array_equal(out["radius"], [0.0, 0.0, 0.0])
+
+
+def test_boundary_point_is_not_certified():
+    # margin exactly 2 * eps in normalised units: the exact radius equals eps, so not certified.
+    eps = 8 / 255
+    std = (0.2009,) * 3
+    margin = 2 * eps / 0.2009
+    logits = jnp.array([[margin, 0.0]], jnp.float32)
+    out = linf_certify(logits, jnp.array([0]), eps=eps, std=std)
+    assert not bool(out["certified"][0])
+    assert float(out["radius"][0]) <= eps
+
+
+def test_rounding_helpers_round_the_safe_way():
+    for value in (8 / 255, 36 / 255, 0.1, 1 / 3):
+        assert float(round_up_float32(value)) >= value
+    assert pixel_radius_scale(STD) <= 0.2
+
+
+@pytest.fixture(scope="module")
+def tiny_trained_model():
+    """A small l_inf-dist Net trained for a few hundred steps on the embedded real CIFAR-10 sample."""
+    from certjax.train import Experiment
+    from configs.linf_dist import get_config
+
+    config = get_config("demo")
+    config.model.depth = 3
+    config.model.width = 64
+    config.train.batch_size = 128
+    config.train.epochs = 6
+    config.data.real_subset = 1024
+    # a small budget, so that a model this small and this briefly trained certifies enough points
+    config.certify.eps = 2 / 255
+    config.loss.eps_train = 6 / 255
+    config.p_schedule.start_fraction = 0.1
+    config.p_schedule.end_fraction = 0.5
+    exp = Experiment(config)
+    state = exp.init_state()
+    from certjax import schedules
+
+    batches = exp.batches.iterate(0, exp.total_steps)
+    for step in range(exp.total_steps):
+        values = schedules.schedule_values(config, step, exp.total_steps)
+        state, _ = exp.train_step(state, next(batches), {k: np.float32(v) for k, v in values.items()})
+    return exp, state
+
+
+def test_pgd_never_breaks_a_certified_point(tiny_trained_model):
+    exp, state = tiny_trained_model
+    config = exp.config
+    images, labels = exp.sources.test.read(np.arange(0, 1000, 4))
+    pixels = jnp.asarray(images, jnp.float32) / 255.0
+    mean = jnp.asarray(config.data.mean)
+    std = jnp.asarray(config.data.std)
+
+    def logits_fn(x):
+        z, _ = exp.model.apply(
+            {"params": state.params, **state.model_state},
+            (x - mean) / std,
+            jnp.float32(jnp.inf),
+            train=False,
+        )
+        return z
+
+    eps = config.certify.eps
+    cert = exp.certify_batches(state.params, state.model_state, [{"image": images, "label": labels}])
+    assert cert["certified"].sum() >= 5, "the tiny model certifies too few points for a meaningful test"
+    _, adv_margin = pgd_linf(
+        logits_fn, pixels, jnp.asarray(labels), eps, jax.random.key(0), steps=100, restarts=3
+    )
+    adv_margin = np.asarray(adv_margin)
+    clean_margin = np.asarray(smallest_margin(logits_fn(pixels), jnp.asarray(labels)))
+    # 1) no certified point is broken
+    assert np.all(adv_margin[cert["certified"]] > 0)
+    # 2) no margin drops by more than the Lipschitz bound allows: 2 * eps / min(std)
+    bound = 2 * eps / float(min(config.data.std))
+    assert np.all(clean_margin - adv_margin <= bound * (1 + 1e-4) + 1e-5)
+    # 3) the attack is not idle: it lowers margins and breaks some uncertified correct points
+    assert np.mean(clean_margin - adv_margin) > 0.1 * bound
+    assert np.any((adv_margin <= 0) & cert["correct"] & ~cert["certified"])

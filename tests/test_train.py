@@ -1,0 +1,192 @@
+"""The trainer end to end: one compilation, bit-exact resume after SIGKILL, launch.py train + evaluate."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from certjax import schedules
+from tests.conftest import REPO
+
+TINY = [
+    "--config.model.depth=3",
+    "--config.model.width=32",
+    "--config.train.batch_size=64",
+    "--config.data.real_subset=256",
+    "--config.train.eval_batch_size=250",
+    "--config.train.log_every_steps=1000",
+]
+
+
+def _launch(workdir, *extra, mode="train"):
+    return [
+        sys.executable,
+        str(REPO / "launch.py"),
+        "--config=configs/linf_dist.py:demo",
+        f"--workdir={workdir}",
+        f"--mode={mode}",
+        *TINY,
+        *extra,
+    ]
+
+
+def _env():
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    return env
+
+
+def _final_params(workdir):
+    directory = Path(workdir) / "checkpoints"
+    step = max(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+    restored = ocp.StandardCheckpointer().restore(directory / str(step) / "state")
+    return step, restored
+
+
+def test_train_step_compiles_once_across_steps_and_schedule_changes():
+    from certjax.train import Experiment
+    from configs.linf_dist import get_config
+
+    config = get_config("demo")
+    config.model.depth, config.model.width = 3, 16
+    config.train.batch_size, config.train.epochs = 32, 1
+    config.data.real_subset = 32 * 6
+    config.p_schedule.start_fraction, config.p_schedule.end_fraction = 0.2, 0.7
+    exp = Experiment(config)
+    state = exp.init_state()
+    ps = set()
+    for step, batch in zip(range(exp.total_steps), exp.batches.iterate(0, exp.total_steps)):
+        values = schedules.schedule_values(config, step, exp.total_steps)
+        ps.add(values["p"])
+        state, _ = exp.train_step(state, batch, {k: np.float32(v) for k, v in values.items()})
+    assert len(ps) >= 4 and np.inf in ps  # p really changed, through the l_p phase to inf
+    assert exp.train_step._cache_size() == 1
+
+
+def test_resume_after_sigkill_is_bit_exact(tmp_path):
+    args = ["--config.train.epochs=24", "--config.checkpoint.every_epochs=1"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(
+        _launch(straight, *args),
+        check=True,
+        env=_env(),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    proc = subprocess.Popen(
+        _launch(killed, *args),
+        env=_env(),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    ckpt_dir = killed / "checkpoints"
+    deadline = time.time() + 300
+    killed_at = None
+    while time.time() < deadline and proc.poll() is None:
+        done = (
+            [p for p in ckpt_dir.glob("*") if p.name.isdigit() and (p / "commit_success.txt").exists()]
+            if ckpt_dir.exists()
+            else []
+        )
+        if done and max(int(p.name) for p in done) >= 16:  # >= 4 epochs done, 20 to go
+            proc.send_signal(signal.SIGKILL)
+            killed_at = max(int(p.name) for p in done)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert killed_at is not None, "the run ended before it could be killed: make it longer"
+    assert proc.returncode == -signal.SIGKILL
+    final_step = 24 * 4
+    assert killed_at < final_step
+
+    subprocess.run(
+        _launch(killed, *args),
+        check=True,
+        env=_env(),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    step_a, state_a = _final_params(straight)
+    step_b, state_b = _final_params(killed)
+    assert step_a == step_b == final_step
+    leaves_a = jax.tree_util.tree_leaves_with_path(state_a)
+    leaves_b = jax.tree_util.tree_leaves_with_path(state_b)
+    assert [k for k, _ in leaves_a] == [k for k, _ in leaves_b]
+    for (path, a), (_, b) in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
+
+
+@pytest.mark.parametrize("generated", [False, True])
+def test_launch_trains_and_evaluates_on_real_images(tmp_path, generated):
+    extra = ["--config.train.epochs=3"]
+    if generated:  # real .npz of the EDM format, memory-mapped; 70 % of every batch
+        rng = np.random.default_rng(0)
+        npz = tmp_path / "gen.npz"
+        np.savez(
+            npz,
+            image=rng.integers(0, 256, (500, 32, 32, 3), dtype=np.uint8),
+            label=rng.integers(0, 10, 500),
+        )
+        extra += [f"--config.data.generated={npz}", "--config.data.real_fraction=0.3"]
+    workdir = tmp_path / "run"
+    result = subprocess.run(
+        _launch(workdir, *extra, mode="train_and_evaluate"),
+        env=_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "img/s" in out and "ETA" in out
+    assert "test clean" in out and "certified" in out
+    records = [json.loads(line) for line in (workdir / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 1
+    record = records[0]
+    for key in (
+        "family",
+        "variant",
+        "dataset",
+        "aux_amount",
+        "real_fraction",
+        "epochs",
+        "seed",
+        "clean_accuracy",
+        "certified_accuracy",
+        "train_clean_accuracy",
+        "best_epoch",
+        "last_epoch",
+        "radii_path",
+    ):
+        assert key in record, key
+    assert record["num_test"] == 1000
+    assert 0.0 <= record["certified_accuracy"] <= record["clean_accuracy"] <= 1.0
+    assert record["aux_amount"] == (500 if generated else 0)
+    assert record["last_epoch"] == 3
+    radii = np.load(record["radii_path"])
+    assert radii["radius"].shape == (1000,)
+    assert np.all(radii["radius"][radii["certified"]] > record["eps"])
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+
+    # evaluating again appends a second record and leaves the first intact
+    again = subprocess.run(
+        _launch(workdir, "--checkpoint=last", mode="evaluate"),
+        env=_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    lines = (workdir / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[0]) == record
