@@ -69,8 +69,9 @@ def evaluate_checkpoint(workdir: str, which: str = "best", train_subset: int = 1
     exp = Experiment(config, need_train_data=False)
     state = checkpoints.restore_state(manager, step, exp.abstract_restore_target())
     saved_metrics = manager.metrics(step) or {}
-    last_step = manager.latest_step()
     best = checkpoints.best_step(manager)
+    best_epoch = int((manager.metrics(best) or {}).get("epoch", 0)) if best is not None else 0
+    last_epoch = int((manager.metrics(manager.latest_step()) or {}).get("epoch", 0))
     manager.close()
 
     test_batches = pipeline.eval_batches(exp.sources.test, config.train.eval_batch_size)
@@ -81,7 +82,6 @@ def evaluate_checkpoint(workdir: str, which: str = "best", train_subset: int = 1
     train_sources = pipeline.make_sources(config, need_train=True, need_generated=False)
     train_eval = exp.evaluate_source(state, train_sources.train, train_subset)
 
-    spe = max(int(round(step / max(saved_metrics.get("epoch", 1), 1))), 1)
     radii_path = os.path.join(os.path.abspath(workdir), "eval", f"radii_step{step}.npz")
     if jax.process_index() == 0:
         save_radii(radii_path, results)
@@ -110,9 +110,9 @@ def evaluate_checkpoint(workdir: str, which: str = "best", train_subset: int = 1
         "eps": float(config.certify.eps),
         "checkpoint": which,
         "step": int(step),
-        "epoch": int(saved_metrics.get("epoch", step // spe)),
-        "best_epoch": int(manager_metrics_epoch(workdir, best) if best is not None else 0),
-        "last_epoch": int(manager_metrics_epoch(workdir, last_step)),
+        "epoch": int(saved_metrics.get("epoch", 0)),
+        "best_epoch": best_epoch,
+        "last_epoch": last_epoch,
         "clean_accuracy": clean,
         "certified_accuracy": certified,
         "train_clean_accuracy": train_eval["clean_accuracy"],
@@ -131,12 +131,3 @@ def evaluate_checkpoint(workdir: str, which: str = "best", train_subset: int = 1
         f"{train_eval['clean_accuracy']:.4f}"
     )
     return record
-
-
-def manager_metrics_epoch(workdir: str, step: int | None) -> int:
-    if step is None:
-        return 0
-    manager = checkpoints.make_manager(workdir, read_only=True)
-    metrics = manager.metrics(step) or {}
-    manager.close()
-    return int(metrics.get("epoch", 0))

@@ -228,7 +228,6 @@ class Experiment:
     def certify_batches(self, params, model_state, batches) -> dict[str, np.ndarray]:
         """Per-example prediction / correct / radius / certified / label over an iterable of batches."""
         outputs = []
-        eval_bs = self.config.train.eval_batch_size
         for batch in batches:
             n = len(batch["label"])
             pad = (-n) % jax.device_count()  # shard evenly; padded rows are dropped below
@@ -239,7 +238,6 @@ class Experiment:
             result = self.certifier(logits, batch["label"], self.config.certify.eps, self.config.data.std)
             result["label"] = batch["label"]
             outputs.append(jax.tree.map(lambda a, n=n: np.asarray(a)[:n], result))
-        del eval_bs
         return {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
 
     def evaluate_source(self, state, source, limit: int = 0) -> dict[str, float]:

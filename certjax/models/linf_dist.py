@@ -21,17 +21,23 @@ THREAT_MODEL = "linf"
 
 
 def identity_init(scale: float = -10.0):
-    """N(0, 1) weights, with w[o, o mod in] = scale: unit o starts as a shifted copy of input o mod in.
+    """N(0, 1) weights with one coordinate per unit set to `scale`: unit o starts as a copy of input c(o).
 
-    With w = -10 on that coordinate, |x_i + 10| dominates the max for normalised inputs (|x| < 3), so the
-    layer starts as y_o = x_{o mod in} + 10: an identity map up to a shift (ICML'21 Sec. 5.1).
+    With w = -10 on that coordinate, |x_c + 10| dominates the max for normalised inputs (|x| < 3), so the
+    layer starts as y_o = x_c(o) + 10: an identity map up to a shift (ICML'21 Sec. 5.1). c(o) = o mod in when
+    in <= out (the recipe); for a narrowing layer (in > out, e.g. 3072 -> 1024 at CPU widths, which the recipe
+    leaves at N(0, 1)) c(o) = floor(o * in / out), a subsampling of the input spread over the whole image.
     """
 
     def init(key, shape, dtype=jnp.float32):
         out_features, in_features = shape
         w = jax.random.normal(key, shape, dtype)
         rows = jnp.arange(out_features)
-        return w.at[rows, rows % in_features].set(scale)
+        if in_features <= out_features:
+            cols = rows % in_features
+        else:
+            cols = (rows * in_features) // out_features
+        return w.at[rows, cols].set(scale)
 
     return init
 
@@ -43,11 +49,12 @@ class DistLayer(nn.Module):
     use_bias: bool = False
     mean_shift: bool = True
     identity: bool = False
+    identity_narrowing: bool = False  # also initialise an in > out layer as a subsampling (see identity_init)
 
     @nn.compact
     def __call__(self, x, p, *, train: bool):
         in_features = x.shape[-1]
-        use_identity = self.identity and (in_features <= self.features)
+        use_identity = self.identity and (in_features <= self.features or self.identity_narrowing)
         init = identity_init() if use_identity else nn.initializers.normal(1.0)
         w = self.param("kernel", init, (self.features, in_features))
         y = lp_distance(x, w, p)
@@ -69,12 +76,18 @@ class LinfDistNet(nn.Module):
     width: int = 5120
     num_classes: int = 10
     identity_init: bool = True
+    identity_narrowing: bool = False
 
     @nn.compact
     def __call__(self, x, p=jnp.inf, *, train: bool = False):
         h = x.reshape(x.shape[0], -1)
         for _ in range(self.depth - 1):
-            h = DistLayer(self.width, mean_shift=True, identity=self.identity_init)(h, p, train=train)
+            h = DistLayer(
+                self.width,
+                mean_shift=True,
+                identity=self.identity_init,
+                identity_narrowing=self.identity_narrowing,
+            )(h, p, train=train)
         y = DistLayer(self.num_classes, use_bias=True, mean_shift=False)(h, p, train=train)
         scale = self.param("logit_scale", nn.initializers.ones, ())
         return -y, scale
@@ -86,4 +99,5 @@ def build(model_config, num_classes: int) -> nn.Module:
         width=model_config.width,
         num_classes=num_classes,
         identity_init=model_config.identity_init,
+        identity_narrowing=model_config.get("identity_narrowing", False),
     )
