@@ -178,6 +178,12 @@ class Experiment:
             self.abstract_state(),
         )
 
+    def global_batch(self, local_batch):
+        """This process's slice of a batch -> a global array sharded along the `data` mesh axis."""
+        return jax.tree.map(
+            lambda a: jax.make_array_from_process_local_data(self.batch_sharding, a), local_batch
+        )
+
     # -- steps
 
     def _inputs(self, images_uint8, rng=None):
@@ -285,7 +291,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     run_start, run_start_step = time.perf_counter(), start_step
     batches = exp.batches.iterate(start_step, total, threads=config.data.reader_threads)
     for step in range(start_step, total):
-        batch = jax.device_put(next(batches), exp.batch_sharding)
+        batch = exp.global_batch(next(batches))
         values = schedules.schedule_values(config, step, total)
         state, step_metrics = exp.train_step(state, batch, _device_schedule(values))
         train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
