@@ -11,8 +11,11 @@ radius
 r' * min(std) in pixel space. `pixel_radius_scale` is the one place this is folded in.
 
 Rounding: logits are computed in float32, so the computed margin can exceed the exact one by accumulated
-rounding error. We subtract `rounding_slack(...)` from every margin before dividing, and compare with a strict
-`>`: a point on the boundary (or any tie, e.g. all-zero logits) is never certified.
+rounding error. Families that can bound it (the l_inf-dist layers sow a per-op bound, see
+`models.layers.sow_rounding_error`) pass `logit_error`, a per-example bound of every logit's absolute error,
+and margins are reduced by 2 * logit_error; on top of that every margin is reduced by
+`rounding_slack(...)`, and the comparison is strict: a point on the boundary (or any tie, e.g. all-zero
+logits) is never certified.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ def margin_lipschitz_linf(logits):
 
 
 @functools.partial(jax.jit, static_argnames=("pixel_scale",))
-def certify_from_margins(logits, labels, margin_lipschitz, eps, *, pixel_scale: float):
+def certify_from_margins(logits, labels, margin_lipschitz, eps, logit_error, *, pixel_scale: float):
     """Per-example prediction, certified radius (pixel units) and certified flag at eps (pixel units).
 
     margin_lipschitz[b, j] bounds the Lipschitz constant of z_y - z_j in normalised input space (the entry at
@@ -66,7 +69,7 @@ def certify_from_margins(logits, labels, margin_lipschitz, eps, *, pixel_scale: 
     num_classes = logits.shape[-1]
     is_true = jax.nn.one_hot(labels, num_classes, dtype=bool)
     true_logit = jnp.take_along_axis(logits, labels[:, None], axis=1)
-    slack = rounding_slack(true_logit, logits)
+    slack = rounding_slack(true_logit, logits) + 2.0 * logit_error[:, None]
     per_class = (true_logit - logits - slack) / margin_lipschitz
     per_class = jnp.where(is_true, jnp.inf, per_class)
     radius_normalised = jnp.maximum(jnp.min(per_class, axis=-1), 0.0)
@@ -79,13 +82,19 @@ def certify_from_margins(logits, labels, margin_lipschitz, eps, *, pixel_scale: 
     return {"prediction": prediction, "correct": correct, "radius": radius, "certified": certified}
 
 
-def linf_certify(logits, labels, eps: float, std):
-    """l_inf certificate for networks whose every logit is 1-Lipschitz in l_inf (normalised space)."""
+def linf_certify(logits, labels, eps: float, std, logit_error=None):
+    """l_inf certificate for networks whose every logit is 1-Lipschitz in l_inf (normalised space).
+
+    logit_error: optional [B] bound of the absolute float32 error of every logit of each example.
+    """
+    if logit_error is None:
+        logit_error = jnp.zeros(logits.shape[:1], jnp.float32)
     return certify_from_margins(
         logits,
         labels,
         margin_lipschitz_linf(logits),
         round_up_float32(eps),
+        logit_error,
         pixel_scale=pixel_radius_scale(std),
     )
 

@@ -31,6 +31,7 @@ from certjax.data import pipeline
 from certjax.data.augment import normalize, random_crop_flip
 from certjax.losses import get_loss
 from certjax.models import get_family
+from certjax.models.layers import FLOAT32_ROUNDING
 from certjax.writers import MetricWriter, console
 
 
@@ -225,11 +226,24 @@ class Experiment:
         return new_state, metrics
 
     def _eval_step(self, params, model_state, batch):
+        """Logits at p = inf and a per-example bound of their float32 rounding error (0 if not tracked)."""
         images = self._inputs(batch["image"])
-        logits, _ = self.model.apply(
-            {"params": params, **model_state}, images, jnp.float32(jnp.inf), train=False
+        (logits, _), aux = self.model.apply(
+            {"params": params, **model_state},
+            images,
+            jnp.float32(jnp.inf),
+            train=False,
+            mutable=["rounding"],
         )
-        return logits
+        op_errors = jax.tree.leaves(aux.get("rounding", {}))
+        if not op_errors:
+            return logits, jnp.zeros(logits.shape[:1], jnp.float32)
+        # Normalisation (x / 255 - mean) / std rounds at each of its three ops: <= u (1 + 1) / min(std) from
+        # the first two (values <= 1), u |x'| from the division; it reaches the logits with factor <= 1.
+        input_error = FLOAT32_ROUNDING * (
+            2.0 / min(self.config.data.std) + jnp.max(jnp.abs(images).reshape(images.shape[0], -1), axis=1)
+        )
+        return logits, input_error + sum(op_errors)
 
     def certify_batches(self, params, model_state, batches) -> dict[str, np.ndarray]:
         """Per-example prediction / correct / radius / certified / label over an iterable of batches."""
@@ -240,8 +254,11 @@ class Experiment:
             if pad:
                 batch = {k: np.concatenate([v, v[:1].repeat(pad, 0)]) for k, v in batch.items()}
             batch = jax.device_put(batch, self.batch_sharding)
-            logits = self.eval_step(params, model_state, batch)
-            result = self.certifier(logits, batch["label"], self.config.certify.eps, self.config.data.std)
+            logits, logit_error = self.eval_step(params, model_state, batch)
+            result = self.certifier(
+                logits, batch["label"], self.config.certify.eps, self.config.data.std, logit_error
+            )
+            result["logit_error"] = logit_error
             result["label"] = batch["label"]
             outputs.append(jax.tree.map(lambda a, n=n: np.asarray(a)[:n], result))
         return {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}

@@ -113,3 +113,33 @@ def test_pgd_never_breaks_a_certified_point(tiny_trained_model):
     # 3) the attack is not idle: it lowers margins and breaks some uncertified correct points
     assert np.mean(clean_margin - adv_margin) > 0.1 * bound
     assert np.any((adv_margin <= 0) & cert["correct"] & ~cert["certified"])
+
+
+def _float64_logits(params, model_state, images_uint8, mean, std):
+    """The l_inf-dist Net evaluated independently in numpy float64 (exact up to ~1e-16 relative)."""
+    x = (images_uint8.astype(np.float64) / 255.0 - np.asarray(mean)) / np.asarray(std)
+    h = x.reshape(len(x), -1)
+    names = sorted((k for k in params if k.startswith("DistLayer_")), key=lambda k: int(k.split("_")[1]))
+    for name in names:
+        w = np.asarray(params[name]["kernel"], np.float64)
+        h = np.max(np.abs(h[:, None, :] - w[None]), axis=-1)
+        if "bias" in params[name]:
+            h = h + np.asarray(params[name]["bias"], np.float64)
+        stats = model_state.get("batch_stats", {}).get(name)
+        if stats is not None:
+            h = h - np.asarray(stats["MeanShift_0"]["mean"], np.float64)
+    return -h
+
+
+def test_rounding_bound_covers_the_exact_float64_logits(tiny_trained_model):
+    exp, state = tiny_trained_model
+    images, labels = exp.sources.test.read(np.arange(0, 1000, 5))
+    batch = {"image": images, "label": labels}
+    logits, logit_error = exp.eval_step(state.params, state.model_state, batch)
+    mean, std = exp.config.data.mean, exp.config.data.std
+    exact = _float64_logits(state.params, state.model_state, images, mean, std)
+    deviation = np.abs(np.asarray(logits, np.float64) - exact).max(axis=1)
+    bound = np.asarray(logit_error, np.float64)
+    assert np.all(deviation <= bound), (deviation.max(), bound.min())
+    assert bound.max() < 1e-3  # and the bound is small enough not to cost accuracy
+    assert deviation.max() > 0  # float32 really did round: the comparison is not vacuous

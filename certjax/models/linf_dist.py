@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from certjax.kernels.linf_dist import lp_distance
-from certjax.models.layers import MeanShift
+from certjax.models.layers import MeanShift, sow_rounding_error
 
 THREAT_MODEL = "linf"
 
@@ -58,8 +58,10 @@ class DistLayer(nn.Module):
         init = identity_init() if use_identity else nn.initializers.normal(1.0)
         w = self.param("kernel", init, (self.features, in_features))
         y = lp_distance(x, w, p)
+        sow_rounding_error(self, y)  # |x_i - w_i| rounds once; the max itself is exact
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,))
+            sow_rounding_error(self, y)
         if self.mean_shift:
             y = MeanShift()(y, train=train)
         return y
