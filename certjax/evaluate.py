@@ -19,6 +19,7 @@ import numpy as np
 
 from certjax import checkpoints
 from certjax.data import pipeline
+from certjax.data.sources import SubsetSource, subset_indices
 from certjax.writers import console
 
 
@@ -79,8 +80,12 @@ def evaluate_checkpoint(workdir: str, which: str = "best", train_subset: int = 1
     clean = float(results["correct"].mean())
     certified = float(results["certified"].mean())
 
-    train_sources = pipeline.make_sources(config, need_train=True, need_generated=False)
-    train_eval = exp.evaluate_source(state, train_sources.train, train_subset)
+    # Training accuracy (for the generalisation gap) on a fixed random subset of the real training images:
+    # image-folder sources are ordered by class, so their first N would be a few classes only.
+    train = pipeline.make_sources(config, need_train=True, need_generated=False).train
+    if train_subset and train_subset < len(train):
+        train = SubsetSource(train, subset_indices(len(train), train_subset, "random", config.seed))
+    train_eval = exp.evaluate_source(state, train)
 
     radii_path = os.path.join(os.path.abspath(workdir), "eval", f"radii_step{step}.npz")
     if jax.process_index() == 0:

@@ -59,8 +59,10 @@ def get_config(arg: str = ""):
         config.data.real = "demo"
         config.model.depth = 5
         config.model.width = 256
-        config.train.epochs = 12
-        config.train.batch_size = 256
-        config.train.log_every_steps = 10
+        # Batch 128 (more steps on 5,000 images): at batch 256 this small net collapsed to one class under
+        # the clipped hinge (measured: 10.0 % clean); at 128 it reaches ~20 % clean / ~18 % certified.
+        config.train.epochs = 16
+        config.train.batch_size = 128
+        config.train.log_every_steps = 40
         config.checkpoint.every_epochs = 4
     return config
