@@ -10,6 +10,8 @@ checkpoint (so --config only needs to name the file).
 
 from __future__ import annotations
 
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -32,11 +34,16 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     from certjax import evaluate, train
+    from certjax.data.sources import DataError
 
-    if FLAGS.mode in ("train", "train_and_evaluate"):
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    if FLAGS.mode in ("evaluate", "train_and_evaluate"):
-        evaluate.evaluate_checkpoint(FLAGS.workdir, FLAGS.checkpoint)
+    try:
+        if FLAGS.mode in ("train", "train_and_evaluate"):
+            train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        if FLAGS.mode in ("evaluate", "train_and_evaluate"):
+            evaluate.evaluate_checkpoint(FLAGS.workdir, FLAGS.checkpoint)
+    except DataError as error:  # bad or unreachable data: one clear message, no traceback
+        print(f"certjax: data error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def learning_rate_schedule(opt_config, base_lr: float, total_steps: int, steps_p
 def make_optimizer(opt_config, total_steps: int, steps_per_epoch: int):
     """Adam/AdamW/SGD with a per-step schedule; the logit scale gets its own learning rate (v2: 0.006)."""
 
-    def base(lr_value):
+    def base(lr_value, decay: bool = True):
         schedule = learning_rate_schedule(opt_config, lr_value, total_steps, steps_per_epoch)
         if opt_config.name == "adam":
             return optax.adam(schedule, b1=opt_config.b1, b2=opt_config.b2, eps=opt_config.eps)
@@ -86,7 +86,7 @@ def make_optimizer(opt_config, total_steps: int, steps_per_epoch: int):
                 b1=opt_config.b1,
                 b2=opt_config.b2,
                 eps=opt_config.eps,
-                weight_decay=opt_config.weight_decay,
+                weight_decay=opt_config.weight_decay if decay else 0.0,
             )
         if opt_config.name == "sgd":
             chain = [optax.sgd(schedule, momentum=opt_config.get("momentum", 0.9))]
@@ -103,7 +103,11 @@ def make_optimizer(opt_config, total_steps: int, steps_per_epoch: int):
             {k: "scale" if k[-1] == "logit_scale" else "main" for k in flat}
         )
 
-    tx = optax.multi_transform({"main": base(opt_config.lr), "scale": base(scale_lr)}, labels)
+    # SortNet decays only the non-distance parameters (the logit scale): optimizer.decay_scale_only.
+    main_decay = not opt_config.get("decay_scale_only", False)
+    tx = optax.multi_transform(
+        {"main": base(opt_config.lr, decay=main_decay), "scale": base(scale_lr)}, labels
+    )
     if opt_config.get("clip_norm", 0.0):
         tx = optax.chain(optax.clip_by_global_norm(opt_config.clip_norm), tx)
     return tx
@@ -263,6 +267,42 @@ class Experiment:
             outputs.append(jax.tree.map(lambda a, n=n: np.asarray(a)[:n], result))
         return {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
 
+    @property
+    def recalibrates_statistics(self) -> bool:
+        hook = getattr(self.family, "recalibrates_statistics", None)
+        return bool(hook and hook(self.config.model))
+
+    def _batch_means(self, params, model_state, batch):
+        images = self._inputs(batch["image"])
+        _, aux = self.model.apply(
+            {"params": params, **model_state},
+            images,
+            jnp.float32(jnp.inf),
+            train=True,
+            dropout=False,
+            mutable=["batch_stats", "batch_means"],
+        )
+        return jax.tree.map(lambda t: t[0], aux["batch_means"], is_leaf=lambda t: isinstance(t, tuple))
+
+    def recalibrate(self, state: TrainState) -> TrainState:
+        """Running means := the exact average of per-batch means over one pass of the training batches
+        (steps 0 .. steps_per_epoch - 1 of the pipeline, no augmentation) through the deterministic path."""
+        if not hasattr(self, "_batch_means_jit"):
+            self._batch_means_jit = jax.jit(self._batch_means)
+        total, count = None, 0
+        for batch in self.batches.iterate(0, self.steps_per_epoch, threads=self.config.data.reader_threads):
+            means = self._batch_means_jit(state.params, state.model_state, self.global_batch(batch))
+            total = means if total is None else jax.tree.map(jnp.add, total, means)
+            count += 1
+        averaged = jax.tree.map(lambda t: t / count, total)
+        stats = flax.traverse_util.flatten_dict(state.model_state["batch_stats"])
+        for path, value in flax.traverse_util.flatten_dict(averaged).items():
+            if path not in stats:
+                raise KeyError(f"batch mean {path} has no running mean in batch_stats")
+            stats[path] = value
+        model_state = dict(state.model_state, batch_stats=flax.traverse_util.unflatten_dict(stats))
+        return state.replace(model_state=model_state)
+
     def evaluate_source(self, state, source, limit: int = 0) -> dict[str, float]:
         batches = pipeline.eval_batches(source, self.config.train.eval_batch_size, limit)
         results = self.certify_batches(state.params, state.model_state, batches)
@@ -343,7 +383,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             epoch_train = train_metrics.compute()
             train_metrics = None
             save_now = epoch % config.checkpoint.every_epochs == 0 or done == total
-            if epoch % config.train.eval_every_epochs == 0 or save_now:
+            evaluate_now = epoch % config.train.eval_every_epochs == 0 or save_now
+            if evaluate_now and exp.recalibrates_statistics:
+                state = exp.recalibrate(state)
+            if evaluate_now:
                 test = exp.evaluate_source(state, exp.sources.test, config.train.eval_subset)
                 console(
                     f"epoch {epoch}: test clean {test['clean_accuracy']:.4f} certified "

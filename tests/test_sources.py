@@ -469,11 +469,30 @@ def _fake_tfds(monkeypatch, data_source):
     monkeypatch.setattr(tfds, "data_source", data_source, raising=False)
 
 
+def test_tfds_offline_fails_fast_without_downloading(monkeypatch):
+    calls = []
+
+    def data_source(name, split, data_dir, download):
+        calls.append(download)
+        raise AssertionError("not prepared")
+
+    _fake_tfds(monkeypatch, data_source)
+    monkeypatch.setattr(S, "_download_host_reachable", lambda: False)  # no network traffic from tests
+    with pytest.raises(DataError) as err:
+        S.make_real_source("tfds", "train", "cifar10")
+    assert calls == [False]  # the download was never started
+    message = str(err.value)
+    assert "cannot be reached" in message
+    for option in ("cifar-10-python.tar.gz", "folder_or_zip", "cifar10-jpeg-{split}.zip", "=demo"):
+        assert option in message
+
+
 def test_tfds_offline(monkeypatch):
     def offline(*args, **kwargs):
         raise ConnectionError("Failed to resolve 'www.cs.toronto.edu'")
 
     _fake_tfds(monkeypatch, offline)
+    monkeypatch.setattr(S, "_download_host_reachable", lambda: True)
     with pytest.raises(DataError) as err:
         S.make_real_source("tfds", "train", "cifar10")
     message = str(err.value)
@@ -493,6 +512,7 @@ def test_tfds_wrapper(monkeypatch):
         return [{"image": im, "label": np.int64(lb)} for im, lb in zip(images, labels, strict=True)]
 
     _fake_tfds(monkeypatch, data_source)
+    monkeypatch.setattr(S, "_download_host_reachable", lambda: True)
     src = S.make_real_source("tfds", "test", "cifar100")
     assert calls == [False, True] and len(src) == 6 and src.num_classes == 100
     got_images, got_labels = src.read(np.array([5, 0]))

@@ -190,3 +190,14 @@ def test_launch_trains_and_evaluates_on_real_images(tmp_path, generated):
     assert again.returncode == 0, again.stderr[-3000:]
     lines = (workdir / "results.jsonl").read_text().splitlines()
     assert len(lines) == 2 and json.loads(lines[0]) == record
+
+
+def test_bad_data_stops_with_one_clear_message(tmp_path):
+    missing = tmp_path / "nowhere-{split}.zip"
+    result = subprocess.run(
+        _launch(tmp_path / "run", f"--config.data.real={missing}"), env=_env(), cwd=REPO,
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "certjax: data error:" in result.stderr and "nowhere-test.zip" in result.stderr
+    assert "Traceback" not in result.stderr

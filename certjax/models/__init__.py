@@ -12,6 +12,7 @@ from types import ModuleType
 
 FAMILIES = {
     "linf_dist": "certjax.models.linf_dist",
+    "sortnet": "certjax.models.sortnet",
 }
 
 

@@ -30,18 +30,32 @@ def sow_rounding_error(module: nn.Module, result):
 
 
 class MeanShift(nn.Module):
-    """y = x - mean(x over the batch) in training, x - running_mean at evaluation (axis 0 is the batch)."""
+    """y = x - mean(x over the batch) in training, x - running_mean at evaluation (axis 0 is the batch).
+
+    stat_mask [B, F] (0/1), when given, restricts each unit's batch mean to the samples marked 1: SortNet's
+    dropout training computes a unit only for the samples whose next layer keeps it (zbh2047/SortNet
+    MeanShiftDropout). A unit with no such sample keeps its running mean. The batch mean is also sown into
+    "batch_means" when that collection is mutable, for recomputing running means exactly (SortNet).
+    """
 
     momentum: float = 0.1  # PyTorch convention: running = (1 - momentum) * running + momentum * batch_mean
 
     @nn.compact
-    def __call__(self, x, *, train: bool):
+    def __call__(self, x, *, train: bool, stat_mask=None):
         running_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(x.shape[1:], jnp.float32))
         if not train:
             shifted = x - running_mean.value
             sow_rounding_error(self, shifted)
             return shifted
-        batch_mean = jnp.mean(x, axis=0)
+        if stat_mask is None:
+            batch_mean = jnp.mean(x, axis=0)
+        else:
+            count = jnp.sum(stat_mask, axis=0)
+            batch_mean = jnp.where(
+                count > 0, jnp.sum(x * stat_mask, axis=0) / jnp.maximum(count, 1.0), running_mean.value
+            )
+        if self.is_mutable_collection("batch_means") and not self.is_initializing():
+            self.sow("batch_means", "mean", batch_mean)
         if not self.is_initializing():
             running_mean.value = (1.0 - self.momentum) * running_mean.value + self.momentum * batch_mean
         return x - batch_mean

@@ -52,7 +52,7 @@ class DistLayer(nn.Module):
     identity_narrowing: bool = False  # also initialise an in > out layer as a subsampling (see identity_init)
 
     @nn.compact
-    def __call__(self, x, p, *, train: bool):
+    def __call__(self, x, p, *, train: bool, stat_mask=None):
         in_features = x.shape[-1]
         use_identity = self.identity and (in_features <= self.features or self.identity_narrowing)
         init = identity_init() if use_identity else nn.initializers.normal(1.0)
@@ -63,7 +63,7 @@ class DistLayer(nn.Module):
             y = y + self.param("bias", nn.initializers.zeros, (self.features,))
             sow_rounding_error(self, y)
         if self.mean_shift:
-            y = MeanShift()(y, train=train)
+            y = MeanShift()(y, train=train, stat_mask=stat_mask)
         return y
 
 

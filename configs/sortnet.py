@@ -1,0 +1,63 @@
+"""SortNet (shared/RECIPES.md): depth 6, width 5120, q 0.85, 3000 epochs, batch 512, eps 8/255.
+
+  python launch.py --config=configs/sortnet.py --workdir=runs/sortnet                 # dropout (original)
+  python launch.py --config=configs/sortnet.py:nodropout --workdir=runs/sortnet_exact  # the seed's w/o
+  dropout
+  python launch.py --config=configs/sortnet.py:dropout,cifar100 --workdir=runs/sortnet_c100
+  python launch.py --config=configs/sortnet.py:demo --workdir=runs/sortnet_demo      # CPU, minutes, offline
+
+Without --config.data.generated the run uses real data only (and says so). The default data is CIFAR from
+tensorflow-datasets; offline, pass --config.data.real=... (see README). zbh2047/SortNet has no CIFAR-100
+recipe: "cifar100" keeps the CIFAR-10 hyperparameters with 100 classes and CIFAR-100's normalisation.
+"""
+
+from __future__ import annotations
+
+from configs.common import CIFAR100_MEAN, get_common, parse_variant
+
+VARIANTS = {"dropout", "nodropout", "cifar100", "demo"}
+
+
+def get_config(arg: str = "dropout"):
+    parts = parse_variant(arg, VARIANTS)
+    if {"dropout", "nodropout"} <= parts:
+        raise ValueError("choose one of 'dropout' and 'nodropout'")
+    config = get_common()
+    config.family = "sortnet"
+    config.variant = arg or ""
+
+    config.model = dict(
+        name="sortnet", depth=6, width=5120, q=0.85, mode="exact" if "nodropout" in parts else "dropout"
+    )
+    config.data.std = (0.2009, 0.2009, 0.2009)  # one std keeps l_inf balls l_inf balls
+    config.augment.pad = 3
+    config.augment.pad_mode = "edge"
+
+    config.train.epochs = 3000
+    config.train.batch_size = 512
+    # AdamW (0.9, 0.99, eps 1e-10), lr 0.02 cosine per step, weight decay 0.02 on the logit scale only.
+    config.optimizer = dict(
+        name="adamw", lr=0.02, scale_lr=0.0, b1=0.9, b2=0.99, eps=1e-10, weight_decay=0.02,
+        decay_scale_only=True, schedule="cosine", warmup_epochs=0, clip_norm=0.0,
+    )  # fmt: skip
+    config.loss = dict(name="mixture", lam0=0.2, lam_end=0.002, eps_train=24 / 255)
+    # commands/cifar8_255.sh: --p-start 8 --p-end 1000 --epochs 0,0,200,2950,3000
+    config.p_schedule = dict(
+        enabled=True, p_start=8.0, p_end=1000.0, start_fraction=200 / 3000, end_fraction=2950 / 3000
+    )
+    config.certify.eps = 8 / 255
+    config.checkpoint.every_epochs = 50
+
+    if "cifar100" in parts:
+        config.data.dataset = "cifar100"
+        config.data.mean = CIFAR100_MEAN
+        config.data.std = (0.2667, 0.2667, 0.2667)
+    if "demo" in parts:
+        config.data.real = "demo"
+        config.model.depth = 4
+        config.model.width = 128
+        config.train.epochs = 16
+        config.train.batch_size = 128
+        config.train.log_every_steps = 40
+        config.checkpoint.every_epochs = 4
+    return config
