@@ -128,3 +128,26 @@ def test_changing_p_does_not_recompile():
     for p in (8.0, 9.5, 1000.0, np.inf):
         apply(variables, x, jnp.float32(p))
     assert apply._cache_size() == 1
+
+
+@pytest.mark.parametrize("block_elements", [7 * 11 * 3, 7 * 11])  # 3 units per block (one padded), 1 unit
+def test_blockwise_lp_backward_matches_the_single_block(monkeypatch, block_elements):
+    import certjax.kernels.linf_dist as kernel
+
+    rng = np.random.default_rng(8)
+    x = jnp.asarray(rng.normal(size=(7, 11)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(5, 11)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(7, 5)), jnp.float32)
+    mask = jnp.asarray(rng.random((7, 11)) < 0.7, jnp.float32)
+
+    def grads():
+        plain = jax.grad(lambda x, w: jnp.sum(g * lp_distance(x, w, jnp.float32(8.0))), (0, 1))(x, w)
+        masked = jax.grad(
+            lambda x, w: jnp.sum(g * kernel.masked_lp_distance(x, w, mask, jnp.float32(8.0))), (0, 1)
+        )(x, w)
+        return plain + masked
+
+    whole = grads()
+    monkeypatch.setattr(kernel, "_BACKWARD_BLOCK_ELEMENTS", block_elements)
+    for a, b in zip(grads(), whole):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
