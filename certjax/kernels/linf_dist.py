@@ -139,10 +139,22 @@ def _check_shapes(x, w):
 
 
 def _forward(x, w, p, mask):
+    """Blockwise over output units: when p is a compile-time constant the cond folds away and XLA shares
+    |x - w| between the max and the l_p sum by materialising it (55 GB at width 5120, batch 512, measured);
+    blocks bound any such buffer to _BACKWARD_BLOCK_ELEMENTS."""
     p = jnp.asarray(p, jnp.float32)
-    m = _linf_forward(x, w, mask)
-    y = jax.lax.cond(jnp.isinf(p), lambda: m, functools.partial(_lp_forward, x, w, p, m, mask))
-    return y, p
+    batch, size = x.shape
+    out = w.shape[0]
+    block = int(max(1, min(out, _BACKWARD_BLOCK_ELEMENTS // max(batch * size, 1))))
+    pad = (-out) % block
+    w_blocks = jnp.pad(w, ((0, pad), (0, 0))).reshape(-1, block, size)
+
+    def one_block(w_b):
+        m = _linf_forward(x, w_b, mask)
+        return jax.lax.cond(jnp.isinf(p), lambda: m, functools.partial(_lp_forward, x, w_b, p, m, mask))
+
+    y = jax.lax.map(one_block, w_blocks)  # [blocks, B, block]
+    return y.transpose(1, 0, 2).reshape(batch, -1)[:, :out], p
 
 
 def _backward(x, w, p, y, g, mask):
