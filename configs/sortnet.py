@@ -13,7 +13,7 @@ recipe: "cifar100" keeps the CIFAR-10 hyperparameters with 100 classes and CIFAR
 
 from __future__ import annotations
 
-from configs.common import CIFAR100_MEAN, get_common, parse_variant
+from configs.common import get_common, parse_variant, use_cifar100_linf, use_demo_data
 
 VARIANTS = {"dropout", "nodropout", "cifar100", "demo"}
 
@@ -49,15 +49,7 @@ def get_config(arg: str = "dropout"):
     config.checkpoint.every_epochs = 50
 
     if "cifar100" in parts:
-        config.data.dataset = "cifar100"
-        config.data.mean = CIFAR100_MEAN
-        config.data.std = (0.2667, 0.2667, 0.2667)
+        use_cifar100_linf(config)
     if "demo" in parts:
-        config.data.real = "demo"
-        config.model.depth = 4
-        config.model.width = 128
-        config.train.epochs = 16
-        config.train.batch_size = 128
-        config.train.log_every_steps = 40
-        config.checkpoint.every_epochs = 4
+        use_demo_data(config, depth=4, width=128)
     return config
