@@ -52,3 +52,49 @@ def pgd_linf(logits_fn, images, labels, eps, rng, *, steps: int = 100, restarts:
     start = (images, margin_of(images))
     (best_x, best_margin), _ = jax.lax.scan(one_restart, start, jax.random.split(rng, restarts))
     return best_x, best_margin
+
+
+def _l2_norm(x):
+    return jnp.sqrt(jnp.sum(jnp.square(x.reshape(x.shape[0], -1)), axis=1)).reshape(
+        (-1,) + (1,) * (x.ndim - 1)
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("logits_fn", "steps", "restarts"))
+def pgd_l2(logits_fn, images, labels, eps, rng, *, steps: int = 100, restarts: int = 5, step_size=None):
+    """l_2 PGD in pixel space: normalised-gradient steps, projection onto the l_2 ball of radius eps and
+    [0, 1]
+    (clipping to the box after the ball projection can only shrink the perturbation). Returns (adversarial
+    images, smallest margins)."""
+    step_size = eps / 4 if step_size is None else step_size
+
+    def margin_of(x):
+        return smallest_margin(logits_fn(x), labels)
+
+    grad_fn = jax.grad(lambda x: -jnp.sum(margin_of(x)))
+
+    def project(x):
+        delta = x - images
+        delta = delta * jnp.minimum(1.0, eps / jnp.maximum(_l2_norm(delta), 1e-12))
+        return jnp.clip(images + delta, 0.0, 1.0)
+
+    def one_restart(carry, key):
+        best_x, best_margin = carry
+        direction = jax.random.normal(key, images.shape)
+        radius = jax.random.uniform(jax.random.fold_in(key, 1), (images.shape[0],) + (1,) * (images.ndim - 1))
+        x = project(images + eps * radius * direction / jnp.maximum(_l2_norm(direction), 1e-12))
+
+        def step(x, _):
+            g = grad_fn(x)
+            x = project(x + step_size * g / jnp.maximum(_l2_norm(g), 1e-12))
+            return x, None
+
+        x, _ = jax.lax.scan(step, x, None, length=steps)
+        margin = margin_of(x)
+        better = margin < best_margin
+        best_x = jnp.where(better[:, None, None, None], x, best_x)
+        return (best_x, jnp.minimum(margin, best_margin)), None
+
+    start = (images, margin_of(images))
+    (best_x, best_margin), _ = jax.lax.scan(one_restart, start, jax.random.split(rng, restarts))
+    return best_x, best_margin

@@ -4,6 +4,8 @@ For logits z(x) and true class y, the margins m_j = z_y - z_j (j != y).
 
 * l_inf families (l_inf-dist Net, SortNet): every logit is 1-Lipschitz w.r.t. l_inf of the *normalised*
   input, so each m_j is 2-Lipschitz and the input-space radius is min_j m_j / 2 (ICML'21, Prop. 3.5).
+* l_2 families (LOT, LiResNet): the family measures K_yj >= Lipschitz constant of m_j w.r.t. l_2 (body bound
+  times ||w_y - w_j|| of the last layer) and the radius is min_j m_j / K_yj (LOT: K = sqrt(2) L_body).
 
 Input normalisation x' = (x - mean) / std scales a pixel-space perturbation delta to delta / std per channel,
 whose norm is at most ||delta|| / min(std) (l_inf and l_2 alike). So a radius r' in normalised space is a
@@ -82,11 +84,13 @@ def certify_from_margins(logits, labels, margin_lipschitz, eps, logit_error, *, 
     return {"prediction": prediction, "correct": correct, "radius": radius, "certified": certified}
 
 
-def linf_certify(logits, labels, eps: float, std, logit_error=None):
+def linf_certify(logits, labels, eps: float, std, logit_error=None, pair_lipschitz=None):
     """l_inf certificate for networks whose every logit is 1-Lipschitz in l_inf (normalised space).
 
     logit_error: optional [B] bound of the absolute float32 error of every logit of each example.
+    pair_lipschitz: unused (every margin is 2-Lipschitz); accepted so that certifiers share one signature.
     """
+    del pair_lipschitz
     if logit_error is None:
         logit_error = jnp.zeros(logits.shape[:1], jnp.float32)
     return certify_from_margins(
@@ -99,7 +103,29 @@ def linf_certify(logits, labels, eps: float, std, logit_error=None):
     )
 
 
-THREAT_MODELS = {"linf": linf_certify}
+def l2_certify(logits, labels, eps: float, std, logit_error=None, pair_lipschitz=None):
+    """l_2 certificate (LOT, LiResNet): pair_lipschitz[y, j] bounds the l_2 Lipschitz constant of z_y - z_j
+    w.r.t. the normalised input (e.g. L_body * ||w_y - w_j|| of the last layer; sqrt(2) for an orthogonal
+    network). Certified iff correct and min_j (m_j - slack) / K_yj > eps, i.e. m_j > eps K_yj for every j.
+
+    logit_error: optional [B] bound of the l_2 norm of the float32 error of the logit vector.
+    """
+    if pair_lipschitz is None:
+        raise ValueError("l_2 certification needs pair_lipschitz (the family's certificate_bounds)")
+    if logit_error is None:
+        logit_error = jnp.zeros(logits.shape[:1], jnp.float32)
+    margin_lipschitz = jnp.asarray(pair_lipschitz, jnp.float32)[labels]
+    return certify_from_margins(
+        logits,
+        labels,
+        margin_lipschitz,
+        round_up_float32(eps),
+        logit_error,
+        pixel_scale=pixel_radius_scale(std),
+    )
+
+
+THREAT_MODELS = {"linf": linf_certify, "l2": l2_certify}
 
 
 def get_certifier(threat_model: str):

@@ -243,14 +243,34 @@ class Experiment:
         if not op_errors:
             return logits, jnp.zeros(logits.shape[:1], jnp.float32)
         # Normalisation (x / 255 - mean) / std rounds at each of its three ops: <= u (1 + 1) / min(std) from
-        # the first two (values <= 1), u |x'| from the division; it reaches the logits with factor <= 1.
-        input_error = FLOAT32_ROUNDING * (
-            2.0 / min(self.config.data.std) + jnp.max(jnp.abs(images).reshape(images.shape[0], -1), axis=1)
-        )
+        # the first two (values <= 1), u |x'| from the division, per pixel; it reaches the logits with factor
+        # <= 1 (l_inf) or, as an l_2 norm over the D pixels, <= sqrt(D) times that (l_2).
+        flat = jnp.abs(images).reshape(images.shape[0], -1)
+        if self.family.THREAT_MODEL == "l2":
+            input_error = FLOAT32_ROUNDING * (
+                2.0 / min(self.config.data.std) * math.sqrt(flat.shape[1])
+                + jnp.sqrt(jnp.sum(flat**2, axis=1))
+            )
+        else:
+            input_error = FLOAT32_ROUNDING * (2.0 / min(self.config.data.std) + jnp.max(flat, axis=1))
         return logits, input_error + sum(op_errors)
 
+    def certificate_bounds(self, params, model_state) -> dict:
+        """The family's per-checkpoint bounds (cached evaluation variables, pair Lipschitz constants), or the
+        defaults of a family without the hook (nothing cached, the threat model's constant bound)."""
+        hook = getattr(self.family, "certificate_bounds", None)
+        if hook is None:
+            return {"variables": {}, "pair_lipschitz": None, "assumed_pair_lipschitz": None, "report": {}}
+        return hook(self.model, {"params": params, **model_state})
+
     def certify_batches(self, params, model_state, batches) -> dict[str, np.ndarray]:
-        """Per-example prediction / correct / radius / certified / label over an iterable of batches."""
+        """Per-example prediction / correct / radius / certified / label over an iterable of batches.
+
+        With a family's measured bounds, also `certified_assumed` (the bound the architecture promises, e.g.
+        LOT's exactly orthogonal layers), and the bounds' report under the key "bounds" (not per example).
+        """
+        bounds = self.certificate_bounds(params, model_state)
+        model_state = {**model_state, **bounds["variables"]}
         outputs = []
         for batch in batches:
             n = len(batch["label"])
@@ -260,12 +280,30 @@ class Experiment:
             batch = jax.device_put(batch, self.batch_sharding)
             logits, logit_error = self.eval_step(params, model_state, batch)
             result = self.certifier(
-                logits, batch["label"], self.config.certify.eps, self.config.data.std, logit_error
+                logits,
+                batch["label"],
+                self.config.certify.eps,
+                self.config.data.std,
+                logit_error,
+                bounds["pair_lipschitz"],
             )
+            if bounds["assumed_pair_lipschitz"] is not None:
+                assumed = self.certifier(
+                    logits,
+                    batch["label"],
+                    self.config.certify.eps,
+                    self.config.data.std,
+                    logit_error,
+                    bounds["assumed_pair_lipschitz"],
+                )
+                result["certified_assumed"] = assumed["certified"]
+                result["radius_assumed"] = assumed["radius"]
             result["logit_error"] = logit_error
             result["label"] = batch["label"]
             outputs.append(jax.tree.map(lambda a, n=n: np.asarray(a)[:n], result))
-        return {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
+        results = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
+        self.last_bounds_report = bounds["report"]
+        return results
 
     @property
     def recalibrates_statistics(self) -> bool:

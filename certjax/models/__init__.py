@@ -2,6 +2,11 @@
 
 A family is a module here exporting `THREAT_MODEL` ("linf" or "l2") and `build(model_config, num_classes)`
 returning a Flax module whose `apply(variables, images, p, train=...)` gives `(logits, logit_scale)`.
+Optional hooks: `recalibrates_statistics(model_config)` (recompute running means before evaluation) and
+`certificate_bounds(model, variables)` -> dict(variables=extra collections for evaluation,
+pair_lipschitz=[C, C]
+bound of each margin's Lipschitz constant, assumed_pair_lipschitz=the bound the architecture promises,
+report=measured figures); l_inf families without it use the constant 2.
 Nothing outside the family's module and its config file branches on the family name.
 """
 
@@ -13,6 +18,7 @@ from types import ModuleType
 FAMILIES = {
     "linf_dist": "certjax.models.linf_dist",
     "sortnet": "certjax.models.sortnet",
+    "lot": "certjax.models.lot",
 }
 
 

@@ -9,6 +9,7 @@ constant unchanged.
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 # 2 x float32 unit roundoff: one rounding of a result r is at most 2^-24 |r_exact|, and |r_exact| <=
@@ -59,3 +60,67 @@ class MeanShift(nn.Module):
         if not self.is_initializing():
             running_mean.value = (1.0 - self.momentum) * running_mean.value + self.momentum * batch_mean
         return x - batch_mean
+
+
+# ---------------------------------------------------------------------------------------- l_2 building blocks
+
+
+def max_min(x):
+    """MaxMin (Anil et al., 2019; LOT's activation): channels split into halves a, b ->
+    [max(a, b), min(a, b)].
+
+    Per pair it is a sort of two numbers, a permutation of its inputs locally: 1-Lipschitz in l_2 and
+    gradient-norm preserving.
+    """
+    half = x.shape[-1] // 2
+    if 2 * half != x.shape[-1]:
+        raise ValueError(f"MaxMin needs an even number of channels, got {x.shape[-1]}")
+    a, b = x[..., :half], x[..., half:]
+    return jnp.concatenate([jnp.maximum(a, b), jnp.minimum(a, b)], axis=-1)
+
+
+def sow_l2_rounding_error(module: nn.Module, bound):
+    """Record a per-example allowance for the l_2 norm of one layer's float32 rounding error.
+
+    For l_2 networks whose later layers have spectral norm <= ~1 the allowances add up to a bound of the l_2
+    error of the logit vector, hence of every logit. Evaluation asks for "rounding" (see the l_inf variant).
+    """
+    if module.is_mutable_collection("rounding") and not module.is_initializing():
+        module.sow("rounding", "l2_error", bound, init_fn=lambda: 0.0, reduce_fn=lambda a, b: a + b)
+
+
+def l2_norm_per_example(x):
+    return jnp.sqrt(jnp.sum(jnp.square(x.reshape(x.shape[0], -1)), axis=1))
+
+
+class NormalizedLinear(nn.Module):
+    """Last linear layer with rows divided by their l_2 norm ("lln", LOT lip_convnets.py NormalizedLinear):
+    the margin z_y - z_j is ||w_y/|w_y| - w_j/|w_j| ||-Lipschitz in l_2."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        x = x.reshape(x.shape[0], -1)
+        fan_in = x.shape[-1]
+        bound = 1.0 / jnp.sqrt(fan_in)
+        kernel = self.param(
+            "kernel",
+            lambda k, s: jax.random.uniform(k, s, jnp.float32, -bound, bound),
+            (self.features, fan_in),
+        )
+        bias = self.param(
+            "bias", lambda k, s: jax.random.uniform(k, s, jnp.float32, -bound, bound), (self.features,)
+        )
+        rows = normalized_rows(kernel)
+        y = x @ rows.T + bias
+        sow_l2_rounding_error(
+            self,
+            FLOAT32_ROUNDING
+            * (jnp.sqrt(float(fan_in)) * 8.0 * l2_norm_per_example(x) + l2_norm_per_example(y)),
+        )
+        return y
+
+
+def normalized_rows(kernel):
+    return kernel / jnp.linalg.norm(kernel, axis=1, keepdims=True)
