@@ -342,7 +342,7 @@ class Experiment:
         return state.replace(model_state=model_state)
 
     def evaluate_source(self, state, source, limit: int = 0) -> dict[str, float]:
-        batches = pipeline.eval_batches(source, self.config.train.eval_batch_size, limit)
+        batches = pipeline.eval_batches(source, self.config.train.eval_batch_size, limit, seed=self.config.seed)
         results = self.certify_batches(state.params, state.model_state, batches)
         return {
             "clean_accuracy": float(results["correct"].mean()),

@@ -98,3 +98,18 @@ def test_missing_generated_data_is_a_clear_error():
         MixedBatches(REAL, None, batch_size=64, real_fraction=0.3, seed=0)
     with pytest.raises(ValueError, match=r"real_fraction must be in \[0, 1\]"):
         MixedBatches(REAL, GEN, batch_size=64, real_fraction=1.5, seed=0)
+
+
+def test_eval_subset_is_a_fixed_random_subset_not_the_first_images():
+    from certjax.data.pipeline import eval_batches
+
+    labels = np.repeat(np.arange(10), 100)  # ordered by class, as image folders are
+    images = np.zeros((1000, 32, 32, 3), np.uint8)
+    source = ArraySource(images, labels, 10, name="by_class")
+    subset = np.concatenate([b["label"] for b in eval_batches(source, 64, limit=200, seed=3)])
+    again = np.concatenate([b["label"] for b in eval_batches(source, 64, limit=200, seed=3)])
+    assert len(subset) == 200
+    np.testing.assert_array_equal(subset, again)
+    assert len(np.unique(subset)) == 10  # every class, not the first two
+    full = np.concatenate([b["label"] for b in eval_batches(source, 64)])
+    np.testing.assert_array_equal(full, labels)

@@ -118,11 +118,16 @@ class MixedBatches:
         return iter(self.dataset(start_step, end_step).to_iter_dataset(options))
 
 
-def eval_batches(source, batch_size: int, limit: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """The first `limit` (0 = all) examples of `source` in order, in batches; the last one may be short."""
-    total = len(source) if not limit else min(limit, len(source))
-    for start in range(0, total, batch_size):
-        idx = np.arange(start, min(start + batch_size, total))
+def eval_batches(source, batch_size: int, limit: int = 0, seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """All examples of `source` in order (limit 0), or a fixed random subset of `limit` of them (sorted, drawn
+    from `seed`): image-folder sources are ordered by class, so their first N would be one or two classes only.
+    In batches; the last one may be short."""
+    if limit and limit < len(source):
+        order = np.sort(np.random.default_rng(seed).choice(len(source), size=limit, replace=False))
+    else:
+        order = np.arange(len(source))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
         images, labels = source.read(idx)
         yield {"image": np.asarray(images, np.uint8), "label": np.asarray(labels, np.int32)}
 
