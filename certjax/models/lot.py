@@ -292,12 +292,19 @@ def certificate_bounds(model: LipConvNet, variables, input_shape=(1, 32, 32, 3))
     }
 
 
+_FROZEN_FUNCTIONS: dict = {}  # (model, input shape) -> jitted computation: compiled once per run
+
+
 def _frozen_weights(model, variables, input_shape):
     variables = {k: v for k, v in variables.items() if k != FROZEN}
+    key = (repr(model), input_shape)
+    if key not in _FROZEN_FUNCTIONS:
 
-    @jax.jit
-    def compute(variables):
-        _, state = model.apply(variables, jnp.zeros(input_shape, jnp.float32), train=False, mutable=[FROZEN])
-        return state[FROZEN]
+        @jax.jit
+        def compute(variables):
+            dummy = jnp.zeros(input_shape, jnp.float32)
+            _, state = model.apply(variables, dummy, train=False, mutable=[FROZEN])
+            return state[FROZEN]
 
-    return compute(variables)
+        _FROZEN_FUNCTIONS[key] = compute
+    return _FROZEN_FUNCTIONS[key](variables)
