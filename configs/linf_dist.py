@@ -21,7 +21,10 @@ def get_config(arg: str = ""):
     config.variant = arg or ""
 
     # identity_narrowing: not in the recipe (its 3072 -> 5120 first layer widens); helps narrow CPU-size nets.
-    config.model = dict(name="linf_dist", depth=6, width=5120, identity_init=True, identity_narrowing=False)
+    # kernel: distance implementation, "auto" (Pallas on GPU, jnp elsewhere) | "pallas" | "jnp" | "interpret".
+    config.model = dict(
+        name="linf_dist", depth=6, width=5120, identity_init=True, identity_narrowing=False, kernel="auto"
+    )
 
     # One std for all channels keeps l_inf balls l_inf balls (v2 train.py).
     config.data.std = (0.2009, 0.2009, 0.2009)

@@ -26,8 +26,15 @@ def get_config(arg: str = "dropout"):
     config.family = "sortnet"
     config.variant = arg or ""
 
+    # kernel: distance implementation, "auto" (Pallas on GPU, jnp elsewhere) | "pallas" | "jnp" | "interpret";
+    # the sort neuron itself always runs on jax.lax.top_k.
     config.model = dict(
-        name="sortnet", depth=6, width=5120, q=0.85, mode="exact" if "nodropout" in parts else "dropout"
+        name="sortnet",
+        depth=6,
+        width=5120,
+        q=0.85,
+        mode="exact" if "nodropout" in parts else "dropout",
+        kernel="auto",
     )
     config.data.std = (0.2009, 0.2009, 0.2009)  # one std keeps l_inf balls l_inf balls
     config.augment.pad = 3

@@ -50,6 +50,7 @@ class DistLayer(nn.Module):
     mean_shift: bool = True
     identity: bool = False
     identity_narrowing: bool = False  # also initialise an in > out layer as a subsampling (see identity_init)
+    distance_kernel: str = "auto"  # implementation of the distance, certjax.kernels.linf_dist.KERNELS
 
     @nn.compact
     def __call__(self, x, p, *, train: bool, stat_mask=None):
@@ -57,7 +58,7 @@ class DistLayer(nn.Module):
         use_identity = self.identity and (in_features <= self.features or self.identity_narrowing)
         init = identity_init() if use_identity else nn.initializers.normal(1.0)
         w = self.param("kernel", init, (self.features, in_features))
-        y = lp_distance(x, w, p)
+        y = lp_distance(x, w, p, kernel=self.distance_kernel)
         sow_rounding_error(self, y)  # |x_i - w_i| rounds once; the max itself is exact
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,))
@@ -79,6 +80,7 @@ class LinfDistNet(nn.Module):
     num_classes: int = 10
     identity_init: bool = True
     identity_narrowing: bool = False
+    distance_kernel: str = "auto"  # "auto" | "pallas" | "jnp" | "interpret" (config.model.kernel)
 
     @nn.compact
     def __call__(self, x, p=jnp.inf, *, train: bool = False):
@@ -89,8 +91,11 @@ class LinfDistNet(nn.Module):
                 mean_shift=True,
                 identity=self.identity_init,
                 identity_narrowing=self.identity_narrowing,
+                distance_kernel=self.distance_kernel,
             )(h, p, train=train)
-        y = DistLayer(self.num_classes, use_bias=True, mean_shift=False)(h, p, train=train)
+        y = DistLayer(
+            self.num_classes, use_bias=True, mean_shift=False, distance_kernel=self.distance_kernel
+        )(h, p, train=train)
         scale = self.param("logit_scale", nn.initializers.ones, ())
         return -y, scale
 
@@ -102,4 +107,5 @@ def build(model_config, num_classes: int) -> nn.Module:
         num_classes=num_classes,
         identity_init=model_config.identity_init,
         identity_narrowing=model_config.get("identity_narrowing", False),
+        distance_kernel=model_config.get("kernel", "auto"),  # configs saved before the switch: "auto"
     )

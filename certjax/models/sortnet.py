@@ -65,15 +65,21 @@ class SortLayer(nn.Module):
     q: float
     use_bias: bool = False
     mean_shift: bool = True
+    distance_kernel: str = "auto"  # l_p / masked distances: certjax.kernels.linf_dist.KERNELS
 
     @nn.compact
     def __call__(self, x, p, *, train: bool, in_mask=None, stat_mask=None):
         w = self.param("kernel", nn.initializers.normal(1.0), (self.features, x.shape[-1]))
         if in_mask is not None:
-            y = masked_lp_distance(x, w, in_mask, p)
+            y = masked_lp_distance(x, w, in_mask, p, kernel=self.distance_kernel)
         else:
             weights = jnp.asarray(float32_sort_weights(self.q, x.shape[-1]))
-            y = jax.lax.cond(jnp.isinf(p), lambda: sort_distance(x, w, weights), lambda: lp_distance(x, w, p))
+            # the sort neuron's top-K stays on jax.lax.top_k on every backend (no Pallas kernel)
+            y = jax.lax.cond(
+                jnp.isinf(p),
+                lambda: sort_distance(x, w, weights),
+                lambda: lp_distance(x, w, p, kernel=self.distance_kernel),
+            )
             # |x_i - w_i| rounds once per term, c_k s_k once, and the K-term sum K - 1 times: <= (K + 1) u y.
             sow_rounding_error(self, y * (len(weights) + 1))
         if self.use_bias:
@@ -90,6 +96,7 @@ class SortNet(nn.Module):
     num_classes: int = 10
     q: float = 0.85
     mode: str = "dropout"
+    distance_kernel: str = "auto"  # "auto" | "pallas" | "jnp" | "interpret" (config.model.kernel)
 
     @nn.compact
     def __call__(self, x, p=jnp.inf, *, train: bool = False, dropout: bool | None = None):
@@ -108,7 +115,9 @@ class SortNet(nn.Module):
         if use_dropout and self.q < 1.0 and not self.is_initializing():
             rngs = jax.random.split(self.make_rng("dropout"), len(sizes))
             masks = [dropout_mask(r, batch, n, self.q) for r, n in zip(rngs, sizes, strict=True)]
-        h = DistLayer(self.width, mean_shift=True)(h, p, train=train, stat_mask=masks[0])
+        h = DistLayer(self.width, mean_shift=True, distance_kernel=self.distance_kernel)(
+            h, p, train=train, stat_mask=masks[0]
+        )
         for layer in range(1, self.depth):
             last = layer == self.depth - 1
             h = SortLayer(
@@ -116,6 +125,7 @@ class SortNet(nn.Module):
                 q=self.q,
                 use_bias=last,
                 mean_shift=not last,
+                distance_kernel=self.distance_kernel,
             )(h, p, train=train, in_mask=masks[layer - 1], stat_mask=None if last else masks[layer])
         scale = self.param("logit_scale", nn.initializers.ones, ())
         return -h, scale
@@ -128,6 +138,7 @@ def build(model_config, num_classes: int) -> nn.Module:
         num_classes=num_classes,
         q=model_config.q,
         mode=model_config.mode,
+        distance_kernel=model_config.get("kernel", "auto"),  # configs saved before the switch: "auto"
     )
 
 
