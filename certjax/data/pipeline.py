@@ -120,7 +120,7 @@ class MixedBatches:
 
 def eval_batches(source, batch_size: int, limit: int = 0, seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """All examples of `source` in order (limit 0), or a fixed random subset of `limit` of them (sorted, drawn
-    from `seed`): image-folder sources are ordered by class, so their first N would be one or two classes only.
+    from `seed`): image-folder sources are ordered by class, so their first N would be one or two classes.
     In batches; the last one may be short."""
     if limit and limit < len(source):
         order = np.sort(np.random.default_rng(seed).choice(len(source), size=limit, replace=False))
