@@ -5,6 +5,10 @@ The l_p schedule of the l_inf-dist Net / SortNet (zbh2047/L_inf-dist-net-v2, tra
 geometrically per step to p_end at `end_fraction`, then p = inf. The mixing weight lam of the mixture loss
 decays geometrically from lam0 to lam_end with the same progress. Fractions (not epochs) make the schedule
 scale with `train.epochs` (the seed trains 800 / 1600 epochs).
+
+An optional eps ramp (`config.loss.eps_ramp` = dict(start, end, end_fraction)) scales eps_train per epoch:
+eps_t = eps_train * (start + (end - start) * min(epoch / (end_fraction * epochs), 1)) with the whole epochs
+done so far (LiResNet, hu23 snapshot train.py eps_fn: 0.1 eps -> 1.5 eps over the first half).
 """
 
 from __future__ import annotations
@@ -39,6 +43,12 @@ def schedule_values(config, step: int, total_steps: int) -> dict[str, float]:
     else:
         values["p"] = math.inf
         lam_t = step / max(total_steps, 1)
+    ramp = config.loss.get("eps_ramp")
+    if ramp is not None:
+        epochs = config.train.epochs
+        epoch = (step * epochs) // max(total_steps, 1)  # whole epochs done
+        t = min(epoch / max(ramp.end_fraction * epochs, 1e-12), 1.0)
+        values["eps_train"] *= ramp.start + (ramp.end - ramp.start) * t
     if "lam0" in config.loss:
         values["lam"] = geometric(config.loss.lam0, config.loss.lam_end, lam_t)
     else:

@@ -229,8 +229,11 @@ class Experiment:
         )
         return new_state, metrics
 
-    def _eval_step(self, params, model_state, batch):
-        """Logits at p = inf and a per-example bound of their float32 rounding error (0 if not tracked)."""
+    def _eval_step(self, params, model_state, batch, input_error_gain=1.0):
+        """Logits at p = inf and a per-example bound of their float32 rounding error (0 if not tracked).
+
+        input_error_gain: how much the network can amplify an error of its (normalised) input, from the
+        family's certificate_bounds (1 for 1-Lipschitz bodies)."""
         images = self._inputs(batch["image"])
         (logits, _), aux = self.model.apply(
             {"params": params, **model_state},
@@ -253,7 +256,7 @@ class Experiment:
             )
         else:
             input_error = FLOAT32_ROUNDING * (2.0 / min(self.config.data.std) + jnp.max(flat, axis=1))
-        return logits, input_error + sum(op_errors)
+        return logits, input_error_gain * input_error + sum(op_errors)
 
     def certificate_bounds(self, params, model_state) -> dict:
         """The family's per-checkpoint bounds (cached evaluation variables, pair Lipschitz constants), or the
@@ -278,7 +281,9 @@ class Experiment:
             if pad:
                 batch = {k: np.concatenate([v, v[:1].repeat(pad, 0)]) for k, v in batch.items()}
             batch = jax.device_put(batch, self.batch_sharding)
-            logits, logit_error = self.eval_step(params, model_state, batch)
+            logits, logit_error = self.eval_step(
+                params, model_state, batch, np.float32(bounds.get("input_error_gain", 1.0))
+            )
             result = self.certifier(
                 logits,
                 batch["label"],
@@ -342,7 +347,9 @@ class Experiment:
         return state.replace(model_state=model_state)
 
     def evaluate_source(self, state, source, limit: int = 0) -> dict[str, float]:
-        batches = pipeline.eval_batches(source, self.config.train.eval_batch_size, limit, seed=self.config.seed)
+        batches = pipeline.eval_batches(
+            source, self.config.train.eval_batch_size, limit, seed=self.config.seed
+        )
         results = self.certify_batches(state.params, state.model_state, batches)
         return {
             "clean_accuracy": float(results["correct"].mean()),

@@ -6,7 +6,8 @@ Optional hooks: `recalibrates_statistics(model_config)` (recompute running means
 `certificate_bounds(model, variables)` -> dict(variables=extra collections for evaluation,
 pair_lipschitz=[C, C]
 bound of each margin's Lipschitz constant, assumed_pair_lipschitz=the bound the architecture promises,
-report=measured figures); l_inf families without it use the constant 2.
+report=measured figures, optionally input_error_gain=how much the network can amplify an error of its
+input, default 1); l_inf families without it use the constant 2.
 Nothing outside the family's module and its config file branches on the family name.
 """
 
@@ -19,6 +20,7 @@ FAMILIES = {
     "linf_dist": "certjax.models.linf_dist",
     "sortnet": "certjax.models.sortnet",
     "lot": "certjax.models.lot",
+    "liresnet": "certjax.models.liresnet",
 }
 
 

@@ -1,0 +1,479 @@
+"""LiResNet, the GloroNet of the seed paper (Hu et al., "Unlocking Deterministic Robustness Certification on
+ImageNet", NeurIPS'23; the snapshot `snapshots/hu23_snapshot.zip` of klasleino/gloro, shared/RECIPES.md
+"GloroNet = LiResNet"). Threat model l_2, eps 36/255.
+
+Network (input x - 0.5, which the data config gives with mean 0.5 and std 1): stem conv 3 -> W (5x5, stride 2,
+padding 2, orthogonal init) + MinMax; D linear residual blocks, each ONE 3x3 conv with the merged kernel
+Dirac(I) + V * a / sqrt(D) (V ~ N(0, 1) / (9 W), a per output channel, init 1; bias 0) + MinMax; neck conv
+W -> 2W (4x4, stride 4) + MinMax, flatten, linear -> 512 + MinMax; head: rows normalised to unit l_2 norm
+("LLN", `NormalizedLinear`). No normalisation layers. MinMax is 1-Lipschitz, so the body is
+K = prod_l sigma_max(layer l)-Lipschitz and the margin z_p - z_i is K ||w_p - w_i||-Lipschitz.
+
+Training-time K: power iteration per layer on A^T A (A^T by `jax.vjp`) from a persistent start vector of the
+layer's true input shape, kept in the "power_iteration" collection and warm-started every step, 10 iterations
+per step (models/layers/conv.py `lipschitz` of the snapshot). The estimate is sigma = ||A u|| with u the
+normalised iterate: always <= sigma_max, increasing towards it. Gradients flow into sigma through A (the
+kernel), not through the iterations (stop_gradient); the snapshot also differentiates through its 10
+iterations, but once u has converged the two gradients agree (d||Au|| = v^T dA u with v = Au/||Au||, and the
+change of u is orthogonal to u, which is then a fixed point), and warm starting keeps u converged.
+
+Evaluation-time K must be an upper bound (shared/DESIGN.md, "Certification"); power iteration is a lower
+bound. `certificate_bounds` computes, in float64 numpy, for every layer as applied:
+- convolutions: a strided conv with zero padding is first rewritten as a stride-1 conv on the space-to-depth
+  input (input pixel s*i + a - p = s*(i + q) + r with q = (a - p) // s, r = (a - p) % s: the s x s phases r
+  become channels, the kernel taps regroup by q). Space-to-depth is a permutation (an isometry), so the
+  operator norm is unchanged. The stride-1 conv on an n x n input, read at offsets q_min..q_max, equals
+  crop o (circular conv on an N x N torus) o zero-embedding whenever N >= max(n_in - q_min, n_out + q_max)
+  (no read wraps onto the embedded input). Embedding and crop have norm <= 1, and the circular conv's norm
+  is the largest singular value over the frequency blocks of its FFT (exact SVD per frequency, rfft2: a real
+  kernel's spectrum is Hermitian-symmetric). So max_f sigma_max(K(f)) bounds the layer; the tests show it
+  within ~1 % of the dense operator norm on 16 x 16 grids. A layer reading one disjoint patch per output
+  (the 4x4/4 neck conv: q_min = q_max = 0) is block diagonal: its norm is exactly sigma_max of the patch
+  matrix.
+- linear layers: exact SVD.
+Each is multiplied by BOUND_SAFETY (float64 FFT/SVD backward errors are ~1e-15; float32 kernels are exact
+in float64), and the merged kernels are computed once and passed in the "liresnet_frozen" collection, so the
+forward applies exactly the arrays that were bounded. The power-iteration K (the snapshot's evaluation: 500
+iterations from the stored vectors) is reported next to it as the assumed bound.
+
+Rounding at evaluation. Certificates are for the network in exact arithmetic. With the layer bounds above
+a rounding error e of layer l's output grows to at most e prod_{m > l} sigma_m at the features (MinMax is
+1-Lipschitz and exact), and a worst-case float32 bound, gamma_m sum_i |k_i x_i| with gamma_m = m u / (1 - m u)
+for a length-m dot product (Higham, Thm. 3.1: any summation order, with or without FMA), times that product
+(~100 for a trained net) would take a visible share of the margins. So the certifying forward (the one that
+asks for the "rounding" collection) runs the body in float64 (`jax.enable_x64` inside the trace; the kernels
+are float32 values, exact in float64), where the same worst-case bound is ~1e-9 of the features: per layer
+gamma_m ||K||_F r ||x|| + u ||y|| (Cauchy-Schwarz per output; every input pixel is read by at most r^2 =
+ceil(k / s)^2 output positions; u ||y|| for the bias addition), accumulated as E = sum_l local_l
+prod_{m > l} sigma_m with the guaranteed sigmas. The features are then rounded to float32 (error <= 2^-24
+per element) and the head runs in float32 (NormalizedLinear sows its allowance; this module adds the
+worst-case gamma_512 ||h|| of its matmul, rows having unit norm). A margin then moves by at most
+||w_p - w_i|| E' <= 2 E', which the certifier's 2 * logit_error covers. Training and attacks use the float32
+forward. Checked against a float64 numpy forward in tests/test_liresnet.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from certjax.models.layers import NormalizedLinear, max_min, normalized_rows, sow_l2_rounding_error
+
+THREAT_MODEL = "l2"
+SIZES = {"XS": (6, 128), "S": (12, 128), "M": (18, 128), "L": (18, 256)}  # (depth, width): LiResNet LxWy
+POWER = "power_iteration"  # persistent power-iteration vectors, one per layer, shape (1,) + input shape
+FROZEN = "liresnet_frozen"  # evaluation: every layer's kernel as applied and its guaranteed sigma
+ESTIMATES = "lipschitz_estimate"  # sown per-layer power-iteration estimates, when asked for
+POWER_ITERATIONS = 10  # per training step (the snapshot's num_lc_iter)
+EVAL_POWER_ITERATIONS = 500  # the snapshot's evaluation: "let the power method converge"
+BOUND_SAFETY = 1.0 + 1e-6  # on each float64 FFT + SVD bound (their relative errors are ~1e-15)
+FLOAT32_UNIT_ROUNDOFF = 2.0**-24
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+# ------------------------------------------------------------------------------------------- linear maps
+
+
+def conv(x, kernel, stride: int, padding: int, precision=None):
+    """NHWC x HWIO cross-correlation with symmetric zero padding (PyTorch's Conv2d)."""
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        (stride, stride),
+        ((padding, padding), (padding, padding)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=precision,
+    )
+
+
+def dense(x, kernel, precision=None):
+    return jnp.matmul(x, kernel, precision=precision)
+
+
+def power_iteration(linear_fn, u, iterations: int):
+    """`iterations` steps u <- A^T A u / ||A^T A u|| (A^T through jax.vjp) from u (normalised first)."""
+
+    def normalise(v):
+        return v / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(v))), 1e-12)
+
+    def step(_, v):
+        image, transpose = jax.vjp(linear_fn, v)
+        return normalise(transpose(image)[0])
+
+    return jax.lax.fori_loop(0, iterations, step, normalise(u))
+
+
+def dirac_kernel(width: int, size: int = 3, dtype=jnp.float32):
+    """The identity as a size x size HWIO kernel (torch.nn.init.dirac_)."""
+    c = size // 2
+    return jnp.zeros((size, size, width, width), dtype).at[c, c].set(jnp.eye(width, dtype=dtype))
+
+
+def _torch_uniform(fan_in: int):
+    """PyTorch's default Linear / Conv2d initialisation: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _gamma(products: int, dtype) -> float:
+    """Worst-case relative error of a dot product of `products` terms in `dtype` (Higham, Thm. 3.1)."""
+    mu = products * float(jnp.finfo(dtype).eps) / 2.0
+    return mu / (1.0 - mu)
+
+
+def _l2_per_example(x):
+    return jnp.sqrt(jnp.sum(jnp.square(x.reshape(x.shape[0], -1)), axis=1))
+
+
+# ----------------------------------------------------------------------------------------------- layers
+
+
+def _lipschitz_layer(module: nn.Module, x, kernel, bias, linear, *, reuse: int, train: bool, iterations):
+    """Everything a LiResNet layer shares: the kernel as applied (cached at evaluation), the output, the
+    power-iteration estimate of sigma_max, and the rounding allowance. Computes in x's dtype (float64 in the
+    certifying forward). `reuse`: every input element is read by at most reuse^2 outputs per output channel.
+    Returns (y, sigma_estimate, rounding) with rounding = (local error [B], guaranteed sigma) when the
+    "rounding" collection is asked for."""
+    if module.has_variable(FROZEN, "kernel"):
+        kernel = module.get_variable(FROZEN, "kernel")
+    elif module.is_mutable_collection(FROZEN) and not module.is_initializing():
+        module.put_variable(FROZEN, "kernel", kernel)
+    kernel, bias = kernel.astype(x.dtype), bias.astype(x.dtype)
+    precision = None if train else _HIGHEST  # evaluation in full precision on GPUs too (no TF32)
+    y = linear(x, kernel, precision) + bias
+
+    shape = (1,) + x.shape[1:]
+    if module.is_initializing() or module.has_variable(POWER, "u"):
+        u = module.variable(POWER, "u", lambda: jax.random.normal(module.make_rng("params"), shape))
+        if train:
+            fixed = jax.lax.stop_gradient(kernel)
+            iterate = power_iteration(lambda v: linear(v, fixed, precision), u.value, iterations)
+            if module.is_mutable_collection(POWER) and not module.is_initializing():
+                u.value = iterate  # warm start for the next step
+        else:
+            iterate = u.value / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(u.value))), 1e-12)
+        sigma = jnp.sqrt(jnp.sum(jnp.square(linear(iterate.astype(x.dtype), kernel, precision))))
+    elif train:
+        raise ValueError(f"{module.name}: training needs the {POWER!r} collection (power-iteration vectors)")
+    else:
+        sigma = jnp.full((), jnp.nan, x.dtype)  # evaluation without the vectors: no estimate
+    if module.is_mutable_collection(ESTIMATES) and not module.is_initializing():
+        module.sow(ESTIMATES, "sigma", sigma)
+
+    rounding = None
+    if module.is_mutable_collection("rounding") and not module.is_initializing():
+        if not module.has_variable(FROZEN, "sigma_bound"):
+            raise ValueError("the rounding allowance needs the guaranteed bounds: certificate_bounds(...)")
+        products = math.prod(kernel.shape[:-1])  # terms of every output's dot product
+        frobenius = jnp.sqrt(jnp.sum(jnp.square(kernel)))
+        unit = float(jnp.finfo(x.dtype).eps) / 2.0
+        local = _gamma(products, x.dtype) * frobenius * reuse * _l2_per_example(x)
+        local = local + unit * _l2_per_example(y)
+        # x 1.01: the allowance itself is computed with rounding (relative error ~1e-15 in float64)
+        rounding = (1.01 * local, module.get_variable(FROZEN, "sigma_bound").astype(x.dtype))
+    return y, sigma, rounding
+
+
+class LipschitzConv(nn.Module):
+    """Plain conv (stem, neck): PyTorch's conv geometry, orthogonal kernel init (the snapshot's Conv2d)."""
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    padding: int = 0
+    iterations: int = POWER_ITERATIONS
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        k, cin = self.kernel_size, x.shape[-1]
+        kernel = self.param("kernel", nn.initializers.orthogonal(), (k, k, cin, self.features))
+        bias = self.param("bias", _torch_uniform(cin * k * k), (self.features,))
+
+        def linear(v, w, precision):
+            return conv(v, w, self.stride, self.padding, precision)
+
+        return _lipschitz_layer(
+            self, x, kernel, bias, linear, reuse=-(-k // self.stride), train=train, iterations=self.iterations
+        )
+
+
+class LinearResidualConv(nn.Module):
+    """LiResNet block (blocks.py LinearRes): one 3x3 conv, kernel Dirac + V * a / sqrt(depth), bias 0."""
+
+    features: int
+    depth: int
+    iterations: int = POWER_ITERATIONS
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        width = self.features
+        if x.shape[-1] != width:
+            raise ValueError(f"a residual block needs {width} input channels, got {x.shape[-1]}")
+        weight = self.param(
+            "weight",
+            lambda key, shape: jax.random.normal(key, shape, jnp.float32) / (9 * width),
+            (3, 3, width, width),
+        )
+        affine = self.param("affine", nn.initializers.ones, (width,))  # per output channel
+        bias = self.param("bias", nn.initializers.zeros, (width,))
+        kernel = dirac_kernel(width) + weight * affine * (self.depth**-0.5)
+
+        def linear(v, w, precision):
+            return conv(v, w, 1, 1, precision)
+
+        return _lipschitz_layer(
+            self, x, kernel, bias, linear, reuse=3, train=train, iterations=self.iterations
+        )
+
+
+class LipschitzDense(nn.Module):
+    features: int
+    iterations: int = POWER_ITERATIONS
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        fan_in = x.shape[-1]
+        kernel = self.param("kernel", _torch_uniform(fan_in), (fan_in, self.features))
+        bias = self.param("bias", _torch_uniform(fan_in), (self.features,))
+        return _lipschitz_layer(
+            self, x, kernel, bias, dense, reuse=1, train=train, iterations=self.iterations
+        )
+
+
+def pairwise_distances(rows):
+    """||r_i - r_j|| [C, C], 0 on the diagonal with a zero (not NaN) gradient there."""
+    squared = jnp.sum(jnp.square(rows[:, None, :] - rows[None, :, :]), axis=-1)
+    eye = jnp.eye(rows.shape[0], dtype=bool)
+    return jnp.where(eye, 0.0, jnp.sqrt(jnp.where(eye, 1.0, squared)))
+
+
+class LiResNet(nn.Module):
+    """Stem, `depth` linear residual blocks, neck, LLN head (model.py GloroNet, arch linear_res).
+
+    apply(...) -> (logits, pair_bound) with pair_bound[i, j] = K ||w_i - w_j|| (w the normalised head rows,
+    K the product of the power-iteration estimates): the margin Lipschitz bounds the EMMA / GloRo losses use.
+    """
+
+    depth: int = 6
+    width: int = 128
+    num_classes: int = 10
+    neck_features: int = 512
+    iterations: int = POWER_ITERATIONS
+    eval_iterations: int = EVAL_POWER_ITERATIONS  # certificate_bounds: the snapshot's 500 before evaluation
+
+    @nn.compact
+    def __call__(self, x, p=None, *, train: bool = False, return_features: bool = False):
+        del p  # no l_p phase
+        if x.shape[1] != x.shape[2] or x.shape[1] % 8:
+            raise ValueError(f"LiResNet needs square inputs with a side divisible by 8, got {x.shape}")
+        layers = [LipschitzConv(self.width, 5, 2, 2, self.iterations, name="stem")]
+        layers += [
+            LinearResidualConv(self.width, self.depth, self.iterations, name=f"block{i + 1}")
+            for i in range(self.depth)
+        ]
+        layers += [
+            LipschitzConv(2 * self.width, 4, 4, 0, self.iterations, name="neck_conv"),
+            LipschitzDense(self.neck_features, self.iterations, name="neck_linear"),
+        ]
+        certifying = self.is_mutable_collection("rounding") and not self.is_initializing()
+        with jax.enable_x64(True) if certifying else contextlib.nullcontext():
+            h = jnp.asarray(x, jnp.float64) if certifying else jnp.asarray(x)  # numpy float64 -> float32
+            lipschitz, error = 1.0, None
+            for layer in layers:
+                if isinstance(layer, LipschitzDense):
+                    h = h.reshape(h.shape[0], -1)
+                h, sigma, rounding = layer(h, train=train)
+                h = max_min(h)
+                lipschitz = lipschitz * sigma
+                if rounding is not None:
+                    local, sigma_bound = rounding
+                    error = local if error is None else sigma_bound * error + local
+            if certifying:
+                features = h.astype(jnp.float32)
+                # body (float64) + rounding the features to float32 + the head's float32 matmul (worst case,
+                # unit rows) on top of what NormalizedLinear sows
+                error = error + (FLOAT32_UNIT_ROUNDOFF + 1.01 * _gamma(h.shape[-1], jnp.float32)) * (
+                    _l2_per_example(h)
+                )
+                sow_l2_rounding_error(self, _round_up_to_float32(error))
+                lipschitz = lipschitz.astype(jnp.float32)
+                h = features
+        if return_features:
+            return h
+        head = NormalizedLinear(self.num_classes, name="head")
+        logits = head(h)
+        rows = normalized_rows(head.variables["params"]["kernel"])
+        return logits, lipschitz * pairwise_distances(rows)
+
+
+def _round_up_to_float32(a):
+    """float64 -> the next float32 at or above it (computed inside the float64 region)."""
+    rounded = a.astype(jnp.float32)
+    low = rounded.astype(jnp.float64) < a
+    return jnp.where(low, jnp.nextafter(rounded, jnp.float32(jnp.inf)), rounded)
+
+
+def build(model_config, num_classes: int) -> nn.Module:
+    return LiResNet(
+        depth=model_config.depth,
+        width=model_config.width,
+        num_classes=num_classes,
+        neck_features=model_config.get("neck_features", 512),
+        iterations=model_config.get("power_iterations", POWER_ITERATIONS),
+        eval_iterations=model_config.get("eval_power_iterations", EVAL_POWER_ITERATIONS),
+    )
+
+
+# ------------------------------------------------------------------------------------------- certification
+
+
+def layer_geometry(model: LiResNet) -> dict[str, tuple[int, int, int] | None]:
+    """name -> (kernel size, stride, padding) of every conv, None for the linear layer, in forward order."""
+    geometry = {"stem": (5, 2, 2)}
+    geometry.update({f"block{i + 1}": (3, 1, 1) for i in range(model.depth)})
+    geometry.update({"neck_conv": (4, 4, 0), "neck_linear": None})
+    return geometry
+
+
+def space_to_depth_kernel(kernel, stride: int, padding: int):
+    """A stride-s conv (HWIO kernel, zero padding p) as a stride-1 conv on the space-to-depth input
+    (einops "b (h s1) (w s2) c -> b h w (c s1 s2)"). Returns (kernel [k', k', cin s^2, cout], q_min, q_max):
+    output i reads the space-to-depth input at i + q, q = q_min .. q_max."""
+    kernel = np.asarray(kernel, np.float64)
+    k, _, cin, cout = kernel.shape
+    taps = [divmod(a - padding, stride) for a in range(k)]  # (q, r) per kernel tap
+    q_min, q_max = min(q for q, _ in taps), max(q for q, _ in taps)
+    size = q_max - q_min + 1
+    out = np.zeros((size, size, cin * stride * stride, cout))
+    channels = np.arange(cin) * stride * stride
+    for a1, (q1, r1) in enumerate(taps):
+        for a2, (q2, r2) in enumerate(taps):
+            out[q1 - q_min, q2 - q_min, channels + r1 * stride + r2] = kernel[a1, a2]
+    return out, q_min, q_max
+
+
+def conv_norm_bound(kernel, stride: int, padding: int, input_side: int) -> float:
+    """Upper bound of the l_2 operator norm of `conv(x, kernel, stride, padding)` on a square input of side
+    input_side (see the module docstring): space-to-depth, then the circular conv on the smallest torus
+    without wrap-around, exact SVD of every frequency block in float64."""
+    k = np.shape(kernel)[0]
+    if input_side % stride:
+        raise ValueError(f"input side {input_side} is not divisible by the stride {stride}")
+    n_in = input_side // stride
+    n_out = (input_side + 2 * padding - k) // stride + 1
+    folded, q_min, q_max = space_to_depth_kernel(kernel, stride, padding)
+    if q_min == q_max:  # one disjoint patch per output: block diagonal, exact
+        return float(np.linalg.svd(folded[0, 0], compute_uv=False)[0])
+    grid = max(n_in - q_min, n_out + q_max)
+    taps = np.zeros((grid, grid) + folded.shape[2:])
+    size = folded.shape[0]
+    for t1 in range(size):
+        for t2 in range(size):
+            taps[(t1 + q_min) % grid, (t2 + q_min) % grid] += folded[t1, t2]
+    spectrum = np.fft.rfft2(taps, axes=(0, 1))  # [grid, grid // 2 + 1, cin', cout]
+    return float(np.max(np.linalg.svd(spectrum, compute_uv=False)))
+
+
+def _round_up_float32(a) -> np.ndarray:
+    a = np.asarray(a, np.float64)
+    rounded = a.astype(np.float32)
+    return np.where(rounded < a, np.nextafter(rounded, np.float32(np.inf)), rounded).astype(np.float32)
+
+
+def _row_distances(rows) -> np.ndarray:
+    rows = np.asarray(rows, np.float64)
+    return np.sqrt(np.sum((rows[:, None, :] - rows[None, :, :]) ** 2, axis=-1))
+
+
+def certificate_bounds(model: LiResNet, variables, input_shape=(1, 32, 32, 3)) -> dict:
+    """Guaranteed and power-iteration margin bounds of a checkpoint.
+
+    Returns variables ({"liresnet_frozen": kernels as applied + guaranteed sigmas}), pair_lipschitz [C, C]
+    (guaranteed: prod of the layers' FFT/SVD bounds times ||w_p - w_i|| of the normalised head rows as
+    applied, float32 rounded up), assumed_pair_lipschitz (the same with the power-iteration K after
+    `model.eval_iterations` (500) warm-started iterations, the snapshot's evaluation), input_error_gain (= the
+    guaranteed K: how much an error of the normalised input can move the features) and a report.
+    """
+    variables = {name: value for name, value in variables.items() if name not in (FROZEN, ESTIMATES)}
+    input_shape = tuple(input_shape)
+    frozen = flax.core.unfreeze(_frozen_kernels(model, variables, input_shape))
+    vectors = variables.get(POWER)
+    if vectors is None:
+        raise ValueError(f"certificate_bounds needs the {POWER!r} collection of the checkpoint")
+    sigmas = {}
+    for name, geometry in layer_geometry(model).items():
+        kernel = np.asarray(frozen[name]["kernel"], np.float64)
+        if geometry is None:
+            sigma = float(np.linalg.svd(kernel, compute_uv=False)[0])
+        else:
+            k, stride, padding = geometry
+            sigma = conv_norm_bound(kernel, stride, padding, int(vectors[name]["u"].shape[1]))
+        sigmas[name] = sigma * BOUND_SAFETY
+        frozen[name]["sigma_bound"] = jnp.asarray(_round_up_float32(sigmas[name]))
+    guaranteed = float(np.prod(list(sigmas.values())))
+    stored = _power_estimates(model, variables, input_shape, 0)
+    converged = _power_estimates(model, variables, input_shape, model.eval_iterations)
+    power = float(np.prod(list(converged.values())))
+
+    # The head normalises its rows in float32 inside the jitted forward; the rows computed here may differ in
+    # the last bits (fusion order), by < 8 ulps of a unit row: + 1e-6 covers it.
+    rows = np.asarray(normalized_rows(jnp.asarray(variables["params"]["head"]["kernel"])), np.float64)
+    distances = _row_distances(rows) * (1.0 + 1e-9) + 1e-6
+    measured, assumed = guaranteed * distances, power * distances
+    np.fill_diagonal(measured, 1.0)  # unused: the true class has no margin with itself
+    np.fill_diagonal(assumed, 1.0)
+    return {
+        "variables": {FROZEN: frozen},
+        "pair_lipschitz": _round_up_float32(measured),
+        "assumed_pair_lipschitz": _round_up_float32(assumed),
+        "input_error_gain": float(_round_up_float32(guaranteed)),
+        "report": {
+            "lipschitz_body_measured": guaranteed,
+            "lipschitz_body_assumed": power,
+            "lipschitz_body_training_estimate": float(np.prod(list(stored.values()))),
+            "layer_sigma_bound": sigmas,
+            "layer_sigma_power": converged,
+            "eval_power_iterations": model.eval_iterations,
+        },
+    }
+
+
+_COMPILED: dict = {}  # (what, model, input shape, iterations) -> jitted computation: compiled once per run
+
+
+def _frozen_kernels(model, variables, input_shape):
+    key = ("frozen", repr(model), input_shape)
+    if key not in _COMPILED:
+
+        @jax.jit
+        def compute(variables):
+            dummy = jnp.zeros(input_shape, jnp.float32)
+            _, state = model.apply(variables, dummy, train=False, mutable=[FROZEN])
+            return state[FROZEN]
+
+        _COMPILED[key] = compute
+    return _COMPILED[key](variables)
+
+
+def _power_estimates(model, variables, input_shape, iterations: int) -> dict[str, float]:
+    """Per-layer power-iteration estimates after `iterations` more warm-started steps (0: the stored
+    vectors as the last training step left them)."""
+    key = ("power", repr(model), input_shape, iterations)
+    if key not in _COMPILED:
+        probe = model.clone(iterations=iterations)
+
+        @jax.jit
+        def compute(variables):
+            dummy = jnp.zeros(input_shape, jnp.float32)
+            _, state = probe.apply(variables, dummy, train=True, mutable=[POWER, ESTIMATES])
+            return state[ESTIMATES]
+
+        _COMPILED[key] = compute
+    estimates = _COMPILED[key](variables)
+    return {name: float(np.asarray(value["sigma"][0])) for name, value in estimates.items()}

@@ -1,0 +1,81 @@
+"""GloroNet = LiResNet (shared/RECIPES.md "GloroNet = LiResNet", the hu23 snapshot in klasleino/gloro), l_2
+eps 36/255.
+
+  python launch.py --config=configs/liresnet.py:XS --workdir=runs/liresnet_xs        # L6W128
+  python launch.py --config=configs/liresnet.py:L,cifar100 --workdir=runs/liresnet_l_c100
+  python launch.py --config=configs/liresnet.py:XS,demo --workdir=runs/liresnet_demo  # CPU, minutes, offline
+
+Variants (comma separated): size XS | S | M | L (LiResNet L6W128, L12W128, L18W128, L18W256; default XS),
+cifar100, trades (the GloRo TRADES loss instead of EMMA), demo (embedded 5k/1k sample, width 16, depth 2,
+neck 64, 16 epochs at batch 128, 1 warmup epoch, 100 power iterations before evaluation; ~1 min on 2 cores:
+43.8 % clean, 36.4 % certified). AdamW 1e-3 (weight decay 1e-4), batch 256, 800 epochs, 20 warmup epochs then
+cosine, gradient clipping 3, crop (pad 4) + flip; EMMA loss with eps_train 0.1 -> 1.5 x 36/255 over the first
+half of training. The input is x - 0.5 (mean 0.5, std 1: pixel and normalised eps are the same).
+
+Evaluation (certificates with the guaranteed FFT/SVD bound, plus the power-iteration K) runs with every
+checkpoint, every 10 epochs: the per-frequency SVDs run on the host (seconds for XS, about a minute for L).
+"""
+
+from __future__ import annotations
+
+from configs.common import get_common, parse_variant
+
+SIZES = {"XS": (6, 128), "S": (12, 128), "M": (18, 128), "L": (18, 256)}  # (depth, width)
+VARIANTS = set(SIZES) | {"cifar100", "trades", "demo"}
+
+
+def get_config(arg: str = "XS"):
+    parts = parse_variant(arg, VARIANTS)
+    sizes = parts & set(SIZES)
+    if len(sizes) > 1:
+        raise ValueError(f"choose one size of {sorted(SIZES)}; got {sorted(sizes)}")
+    size = (sizes or {"XS"}).pop()
+    depth, width = SIZES[size]
+    config = get_common()
+    config.family = "liresnet"
+    config.variant = arg or ""
+
+    config.model = dict(
+        name="liresnet", size=size, depth=depth, width=width, neck_features=512,
+        power_iterations=10,  # per training step, warm-started (num_lc_iter)
+        eval_power_iterations=500,  # before evaluation, for the reported (assumed) power-iteration K
+    )  # fmt: skip
+    # model.py GloroNet.forward: x.sub(.5) on inputs in [0, 1] (no per-channel normalisation).
+    config.data.mean = (0.5, 0.5, 0.5)
+    config.data.std = (1.0, 1.0, 1.0)
+    config.augment.pad = 4
+    config.augment.pad_mode = "constant"
+    config.augment.flip = True
+
+    config.train.epochs = 800
+    config.train.batch_size = 256
+    config.train.eval_every_epochs = 10
+    config.optimizer = dict(
+        name="adamw", lr=1e-3, scale_lr=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4,
+        schedule="cosine", warmup_epochs=20, clip_norm=3.0,
+    )  # fmt: skip
+    # train.py eps_fn: eps * (min_eps + (max_eps - min_eps) * min(2 * epoch / epochs, 1)), 0.1 -> 1.5.
+    config.loss = dict(
+        name="gloro_trades" if "trades" in parts else "emma",
+        eps_train=36 / 255,
+        eps_ramp=dict(start=0.1, end=1.5, end_fraction=0.5),
+        trades_lambda=1.0,
+    )
+    config.certify.eps = 36 / 255
+    config.checkpoint.every_epochs = 10
+
+    if "cifar100" in parts:
+        config.data.dataset = "cifar100"  # same recipe (configs/cifar100.yaml of the snapshot)
+    if "demo" in parts:
+        config.data.real = "demo"
+        config.model.depth = 2
+        config.model.width = 16
+        config.model.neck_features = 64
+        config.model.eval_power_iterations = 100
+        config.train.epochs = 16
+        config.train.batch_size = 128
+        config.train.log_every_steps = 40
+        config.train.eval_every_epochs = 4
+        config.optimizer.warmup_epochs = 1
+        config.checkpoint.every_epochs = 4
+    return config
