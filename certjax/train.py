@@ -292,6 +292,16 @@ class Experiment:
                 logit_error,
                 bounds["pair_lipschitz"],
             )
+            # The certified radius of the *predicted* class (= radius on correct points; on incorrect ones,
+            # how robustly the model is wrong: the seed paper's Fig. 5), from the same logits.
+            result["prediction_radius"] = self.certifier(
+                logits,
+                result["prediction"].astype(jnp.int32),
+                self.config.certify.eps,
+                self.config.data.std,
+                logit_error,
+                bounds["pair_lipschitz"],
+            )["radius"]
             if bounds["assumed_pair_lipschitz"] is not None:
                 assumed = self.certifier(
                     logits,
