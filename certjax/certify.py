@@ -49,6 +49,20 @@ def round_up_float32(value: float) -> np.float32:
     return rounded
 
 
+def round_up_float32_array(values) -> np.ndarray:
+    """Elementwise: the smallest float32 >= each value (bounds must never shrink when they become float32)."""
+    values = np.asarray(values, np.float64)
+    rounded = values.astype(np.float32)
+    low = rounded.astype(np.float64) < values
+    return np.where(low, np.nextafter(rounded, np.float32(np.inf)), rounded).astype(np.float32)
+
+
+def pairwise_row_distances(rows) -> np.ndarray:
+    """||r_y - r_j||_2 for every pair of rows of a last layer, in float64 (the per-pair head bound)."""
+    rows = np.asarray(rows, np.float64)
+    return np.sqrt(np.maximum(np.sum((rows[:, None, :] - rows[None, :, :]) ** 2, axis=-1), 0.0))
+
+
 def rounding_slack(true_logit, other_logits):
     return RELATIVE_ROUNDING * (jnp.abs(true_logit) + jnp.abs(other_logits)) + ABSOLUTE_ROUNDING
 

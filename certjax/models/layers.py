@@ -124,3 +124,23 @@ class NormalizedLinear(nn.Module):
 
 def normalized_rows(kernel):
     return kernel / jnp.linalg.norm(kernel, axis=1, keepdims=True)
+
+
+_COLLECTION_FUNCTIONS: dict = {}  # (model, input shape, collection) -> jitted computation, compiled once
+
+
+def computed_collection(model: nn.Module, variables, input_shape, collection: str):
+    """The `collection` a model's layers fill in one forward pass on zeros of `input_shape` (e.g. weights that
+    depend on the parameters only, computed once per checkpoint for evaluation); jitted once per model."""
+    variables = {k: v for k, v in variables.items() if k != collection}
+    key = (repr(model), tuple(input_shape), collection)
+    if key not in _COLLECTION_FUNCTIONS:
+
+        @jax.jit
+        def compute(variables):
+            dummy = jnp.zeros(input_shape, jnp.float32)
+            _, state = model.apply(variables, dummy, train=False, mutable=[collection])
+            return state[collection]
+
+        _COLLECTION_FUNCTIONS[key] = compute
+    return _COLLECTION_FUNCTIONS[key](variables)

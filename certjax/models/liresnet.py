@@ -63,7 +63,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from certjax.models.layers import NormalizedLinear, max_min, normalized_rows, sow_l2_rounding_error
+from certjax.certify import pairwise_row_distances, round_up_float32_array
+from certjax.models.layers import (
+    NormalizedLinear,
+    computed_collection,
+    max_min,
+    normalized_rows,
+    sow_l2_rounding_error,
+)
 
 THREAT_MODEL = "l2"
 SIZES = {"XS": (6, 128), "S": (12, 128), "M": (18, 128), "L": (18, 256)}  # (depth, width): LiResNet LxWy
@@ -380,17 +387,6 @@ def conv_norm_bound(kernel, stride: int, padding: int, input_side: int) -> float
     return float(np.max(np.linalg.svd(spectrum, compute_uv=False)))
 
 
-def _round_up_float32(a) -> np.ndarray:
-    a = np.asarray(a, np.float64)
-    rounded = a.astype(np.float32)
-    return np.where(rounded < a, np.nextafter(rounded, np.float32(np.inf)), rounded).astype(np.float32)
-
-
-def _row_distances(rows) -> np.ndarray:
-    rows = np.asarray(rows, np.float64)
-    return np.sqrt(np.sum((rows[:, None, :] - rows[None, :, :]) ** 2, axis=-1))
-
-
 def certificate_bounds(model: LiResNet, variables, input_shape=(1, 32, 32, 3)) -> dict:
     """Guaranteed and power-iteration margin bounds of a checkpoint.
 
@@ -402,7 +398,7 @@ def certificate_bounds(model: LiResNet, variables, input_shape=(1, 32, 32, 3)) -
     """
     variables = {name: value for name, value in variables.items() if name not in (FROZEN, ESTIMATES)}
     input_shape = tuple(input_shape)
-    frozen = flax.core.unfreeze(_frozen_kernels(model, variables, input_shape))
+    frozen = flax.core.unfreeze(computed_collection(model, variables, input_shape, FROZEN))
     vectors = variables.get(POWER)
     if vectors is None:
         raise ValueError(f"certificate_bounds needs the {POWER!r} collection of the checkpoint")
@@ -415,7 +411,7 @@ def certificate_bounds(model: LiResNet, variables, input_shape=(1, 32, 32, 3)) -
             k, stride, padding = geometry
             sigma = conv_norm_bound(kernel, stride, padding, int(vectors[name]["u"].shape[1]))
         sigmas[name] = sigma * BOUND_SAFETY
-        frozen[name]["sigma_bound"] = jnp.asarray(_round_up_float32(sigmas[name]))
+        frozen[name]["sigma_bound"] = jnp.asarray(round_up_float32_array(sigmas[name]))
     guaranteed = float(np.prod(list(sigmas.values())))
     stored = _power_estimates(model, variables, input_shape, 0)
     converged = _power_estimates(model, variables, input_shape, model.eval_iterations)
@@ -424,15 +420,15 @@ def certificate_bounds(model: LiResNet, variables, input_shape=(1, 32, 32, 3)) -
     # The head normalises its rows in float32 inside the jitted forward; the rows computed here may differ in
     # the last bits (fusion order), by < 8 ulps of a unit row: + 1e-6 covers it.
     rows = np.asarray(normalized_rows(jnp.asarray(variables["params"]["head"]["kernel"])), np.float64)
-    distances = _row_distances(rows) * (1.0 + 1e-9) + 1e-6
+    distances = pairwise_row_distances(rows) * (1.0 + 1e-9) + 1e-6
     measured, assumed = guaranteed * distances, power * distances
     np.fill_diagonal(measured, 1.0)  # unused: the true class has no margin with itself
     np.fill_diagonal(assumed, 1.0)
     return {
         "variables": {FROZEN: frozen},
-        "pair_lipschitz": _round_up_float32(measured),
-        "assumed_pair_lipschitz": _round_up_float32(assumed),
-        "input_error_gain": float(_round_up_float32(guaranteed)),
+        "pair_lipschitz": round_up_float32_array(measured),
+        "assumed_pair_lipschitz": round_up_float32_array(assumed),
+        "input_error_gain": float(round_up_float32_array(guaranteed)),
         "report": {
             "lipschitz_body_measured": guaranteed,
             "lipschitz_body_assumed": power,
@@ -444,21 +440,7 @@ def certificate_bounds(model: LiResNet, variables, input_shape=(1, 32, 32, 3)) -
     }
 
 
-_COMPILED: dict = {}  # (what, model, input shape, iterations) -> jitted computation: compiled once per run
-
-
-def _frozen_kernels(model, variables, input_shape):
-    key = ("frozen", repr(model), input_shape)
-    if key not in _COMPILED:
-
-        @jax.jit
-        def compute(variables):
-            dummy = jnp.zeros(input_shape, jnp.float32)
-            _, state = model.apply(variables, dummy, train=False, mutable=[FROZEN])
-            return state[FROZEN]
-
-        _COMPILED[key] = compute
-    return _COMPILED[key](variables)
+_COMPILED: dict = {}  # (model, input shape, iterations) -> jitted computation: compiled once per run
 
 
 def _power_estimates(model, variables, input_shape, iterations: int) -> dict[str, float]:

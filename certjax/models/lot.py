@@ -40,9 +40,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from certjax.certify import pairwise_row_distances, round_up_float32_array
 from certjax.models.layers import (
     FLOAT32_ROUNDING,
     NormalizedLinear,
+    computed_collection,
     l2_norm_per_example,
     max_min,
     normalized_rows,
@@ -235,19 +237,6 @@ def largest_singular_value(w) -> float:
     return float(np.max(np.linalg.svd(blocks, compute_uv=False))) * SVD_SAFETY
 
 
-def pairwise_row_distances(rows) -> np.ndarray:
-    """||r_y - r_j||_2 for every pair of rows, float64."""
-    rows = np.asarray(rows, np.float64)
-    return np.sqrt(np.maximum(np.sum((rows[:, None, :] - rows[None, :, :]) ** 2, axis=-1), 0.0))
-
-
-def _round_up_float32(a) -> np.ndarray:
-    a = np.asarray(a, np.float64)
-    rounded = a.astype(np.float32)
-    low = rounded.astype(np.float64) < a
-    return np.where(low, np.nextafter(rounded, np.float32(np.inf)), rounded).astype(np.float32)
-
-
 def certificate_bounds(model: LipConvNet, variables, input_shape=(1, 32, 32, 3)) -> dict:
     """Cached orthogonalised weights and the l_2 margin bounds of a checkpoint.
 
@@ -256,7 +245,7 @@ def certificate_bounds(model: LipConvNet, variables, input_shape=(1, 32, 32, 3))
     float32 rounded up), assumed_pair_lipschitz (body taken as exactly 1: sqrt(2), or ||w_y - w_j|| with lln)
     and a report of the measured figures.
     """
-    frozen = _frozen_weights(model, variables, tuple(input_shape))
+    frozen = computed_collection(model, variables, tuple(input_shape), FROZEN)
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(frozen))
     sigmas, last_rows = {}, None
     for path, w in sorted(flat.items()):
@@ -281,8 +270,8 @@ def certificate_bounds(model: LipConvNet, variables, input_shape=(1, 32, 32, 3))
     np.fill_diagonal(assumed, 1.0)
     return {
         "variables": {FROZEN: frozen},
-        "pair_lipschitz": _round_up_float32(measured),
-        "assumed_pair_lipschitz": _round_up_float32(assumed),
+        "pair_lipschitz": round_up_float32_array(measured),
+        "assumed_pair_lipschitz": round_up_float32_array(assumed),
         "report": {
             "lipschitz_body_measured": body,
             "lipschitz_body_assumed": 1.0,
@@ -290,21 +279,3 @@ def certificate_bounds(model: LipConvNet, variables, input_shape=(1, 32, 32, 3))
             "last_layer_sigma_max": float(np.linalg.norm(last_rows, 2)),
         },
     }
-
-
-_FROZEN_FUNCTIONS: dict = {}  # (model, input shape) -> jitted computation: compiled once per run
-
-
-def _frozen_weights(model, variables, input_shape):
-    variables = {k: v for k, v in variables.items() if k != FROZEN}
-    key = (repr(model), input_shape)
-    if key not in _FROZEN_FUNCTIONS:
-
-        @jax.jit
-        def compute(variables):
-            dummy = jnp.zeros(input_shape, jnp.float32)
-            _, state = model.apply(variables, dummy, train=False, mutable=[FROZEN])
-            return state[FROZEN]
-
-        _FROZEN_FUNCTIONS[key] = compute
-    return _FROZEN_FUNCTIONS[key](variables)
