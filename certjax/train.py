@@ -9,6 +9,7 @@ Parallelism: one `Mesh` over all devices with a `data` axis; batches are sharded
 replicated, so statistics such as the mean-shift batch means are taken over the global batch by XLA.
 """
 
+import functools
 import math
 import os
 import time
@@ -284,33 +285,22 @@ class Experiment:
             logits, logit_error = self.eval_step(
                 params, model_state, batch, np.float32(bounds.get("input_error_gain", 1.0))
             )
-            result = self.certifier(
+            certify = functools.partial(
+                self.certifier,
                 logits,
-                batch["label"],
-                self.config.certify.eps,
-                self.config.data.std,
-                logit_error,
-                bounds["pair_lipschitz"],
+                eps=self.config.certify.eps,
+                std=self.config.data.std,
+                logit_error=logit_error,
             )
+            result = certify(batch["label"], pair_lipschitz=bounds["pair_lipschitz"])
             # The certified radius of the *predicted* class (= radius on correct points; on incorrect ones,
             # how robustly the model is wrong: the seed paper's Fig. 5), from the same logits.
-            result["prediction_radius"] = self.certifier(
-                logits,
-                result["prediction"].astype(jnp.int32),
-                self.config.certify.eps,
-                self.config.data.std,
-                logit_error,
-                bounds["pair_lipschitz"],
-            )["radius"]
+            predicted = certify(
+                result["prediction"].astype(jnp.int32), pair_lipschitz=bounds["pair_lipschitz"]
+            )
+            result["prediction_radius"] = predicted["radius"]
             if bounds["assumed_pair_lipschitz"] is not None:
-                assumed = self.certifier(
-                    logits,
-                    batch["label"],
-                    self.config.certify.eps,
-                    self.config.data.std,
-                    logit_error,
-                    bounds["assumed_pair_lipschitz"],
-                )
+                assumed = certify(batch["label"], pair_lipschitz=bounds["assumed_pair_lipschitz"])
                 result["certified_assumed"] = assumed["certified"]
                 result["radius_assumed"] = assumed["radius"]
             result["logit_error"] = logit_error
