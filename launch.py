@@ -6,10 +6,17 @@
 
 Training resumes from the latest checkpoint in --workdir. Evaluation reads the config saved with the
 checkpoint (so --config only needs to name the file).
+
+Several processes (hosts) train one model together when each is started with the same command plus
+--coordinator_address=HOST:PORT --num_processes=N --process_id=I (or the CERTJAX_COORDINATOR_ADDRESS /
+CERTJAX_NUM_PROCESSES / CERTJAX_PROCESS_ID environment variables), or with --distributed under a cluster
+manager JAX detects (SLURM, Open MPI, Kubernetes): README, "Running on a cluster".
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import sys
 
 from absl import app, flags
@@ -26,14 +33,74 @@ flags.DEFINE_enum(
     "train (then a final evaluation record), or evaluate a saved checkpoint.",
 )
 flags.DEFINE_string("checkpoint", "best", "Which checkpoint to evaluate: best, last or a step.")
+flags.DEFINE_bool(
+    "distributed", False, "jax.distributed.initialize() with the cluster detected from the environment."
+)
+flags.DEFINE_string(
+    "coordinator_address",
+    os.environ.get("CERTJAX_COORDINATOR_ADDRESS", ""),
+    "HOST:PORT of process 0 for a multi-process run (env CERTJAX_COORDINATOR_ADDRESS).",
+)
+flags.DEFINE_integer(
+    "num_processes", int(os.environ.get("CERTJAX_NUM_PROCESSES", "0")), "Processes in the run."
+)
+flags.DEFINE_integer("process_id", int(os.environ.get("CERTJAX_PROCESS_ID", "-1")), "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
+
+
+def _fail(kind: str, message: str) -> None:
+    print(f"certjax: {kind} error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_override_keys(argv: list[str]) -> None:
+    """Unknown `--config.a.b=v` keys, named with the nearest valid key, before absl parses the flags
+    (ml_collections would raise from inside flag parsing, with a traceback)."""
+    from certjax.config_checks import unknown_key_errors
+
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if spec is None and "--config" in argv[:-1]:  # "--config PATH"
+        spec = argv[argv.index("--config") + 1]
+    overrides = [a[len("--config.") :].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    if spec is None or not overrides:
+        return
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        _fail("config", f"--config={spec}: no such file {path!r}")
+    module_spec = importlib.util.spec_from_file_location("_certjax_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+    errors = unknown_key_errors(overrides, config, spec)
+    if errors:
+        _fail("config", "\n".join(f"--config.{e}" for e in errors))
+
+
+def initialize_distributed() -> None:
+    """jax.distributed from the flags / environment; a no-op for a single process."""
+    import jax
+
+    if FLAGS.coordinator_address:
+        if FLAGS.num_processes < 1 or not 0 <= FLAGS.process_id < FLAGS.num_processes:
+            _fail(
+                "config",
+                f"--coordinator_address={FLAGS.coordinator_address} needs --num_processes >= 1 and "
+                f"0 <= --process_id < --num_processes (got {FLAGS.num_processes}, {FLAGS.process_id})",
+            )
+        jax.distributed.initialize(
+            FLAGS.coordinator_address, num_processes=FLAGS.num_processes, process_id=FLAGS.process_id
+        )
+    elif FLAGS.distributed:
+        jax.distributed.initialize()
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    initialize_distributed()
     from certjax import evaluate, train
+    from certjax.config_checks import ConfigError
     from certjax.data.sources import DataError
 
     try:
@@ -42,9 +109,14 @@ def main(argv):
         if FLAGS.mode in ("evaluate", "train_and_evaluate"):
             evaluate.evaluate_checkpoint(FLAGS.workdir, FLAGS.checkpoint)
     except DataError as error:  # bad or unreachable data: one clear message, no traceback
-        print(f"certjax: data error: {error}", file=sys.stderr)
-        sys.exit(2)
+        _fail("data", str(error))
+    except ConfigError as error:
+        _fail("config", str(error))
+    except train.NonFiniteError as error:  # the message names the step and the checkpoint kept
+        print(f"certjax: training stopped: {error}", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":
+    check_override_keys(sys.argv[1:])
     app.run(main)

@@ -60,6 +60,107 @@ def restore_state(manager, step: int, abstract_state):
     return restored["state"]
 
 
+def restore_latest(manager, workdir: str, abstract_state):
+    """(state, step) from the newest checkpoint that restores, or (None, None) if there is none.
+
+    A checkpoint that fails to restore (a truncated or deleted file, unreadable metadata) is moved, whole,
+    to <workdir>/checkpoints_unreadable/ with a warning and the previous one is tried: nothing is deleted.
+    A checkpoint whose arrays do not match the model (another width or family in the same workdir) is not
+    corruption: that stops with ConfigError naming the fix, and no checkpoint is moved.
+    """
+    for step in sorted(manager.all_steps(), reverse=True):
+        mismatch = _structure_mismatch(manager, step, abstract_state)
+        if mismatch:
+            from certjax.config_checks import ConfigError
+
+            raise ConfigError(
+                f"checkpoint step {step} in {checkpoint_dir(workdir)} was trained with another model "
+                f"({mismatch}): resume with the config it was trained with, or use a new --workdir"
+            )
+        try:
+            return restore_state(manager, step, abstract_state), step
+        except Exception as error:  # orbax / tensorstore raise many types for a damaged checkpoint
+            moved = _set_aside(manager, workdir, step)
+            previous = [s for s in manager.all_steps() if s < step]
+            fallback = f"step {max(previous)}" if previous else "a fresh start (no other checkpoint)"
+            _warn(
+                f"checkpoint step {step} cannot be restored ({type(error).__name__}: "
+                f"{str(error).splitlines()[0][:300]}); moved to {moved}, falling back to {fallback}"
+            )
+    return None, None
+
+
+def _structure_mismatch(manager, step: int, abstract_state) -> str:
+    """'' when the saved arrays' paths and shapes match the target (or the metadata is unreadable: that is
+    a damaged checkpoint, which restore then reports), else the first difference."""
+    import jax
+
+    try:
+        metadata = ocp.StandardCheckpointer().metadata(os.path.join(manager.directory, str(step), "state"))
+        tree = getattr(metadata, "item_metadata", metadata)
+        saved = {
+            _path_names(path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(getattr(tree, "tree", tree))[0]
+            if hasattr(leaf, "shape")
+        }
+    except Exception:
+        return ""
+    if not saved:
+        return ""
+    target = {
+        _path_names(path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]
+    }
+    for key in sorted(set(target) | set(saved)):
+        name = "/".join(key)
+        if key not in saved:
+            return f"the model has {name} {target[key]}, the checkpoint does not"
+        if key not in target:
+            return f"the checkpoint has {name} {saved[key]}, the model does not"
+        if saved[key] != target[key]:
+            return f"{name}: checkpoint shape {saved[key]}, model shape {target[key]}"
+    return ""
+
+
+def _path_names(path) -> tuple[str, ...]:
+    """A pytree path as plain names: dataclass fields (TrainState) and dict keys (saved metadata) alike."""
+    names = []
+    for entry in path:
+        for attribute in ("key", "name", "idx"):
+            if hasattr(entry, attribute):
+                names.append(str(getattr(entry, attribute)))
+                break
+    return tuple(names)
+
+
+def _set_aside(manager, workdir: str, step: int) -> str:
+    """Move a checkpoint directory out of the manager's sight (process 0; all processes wait for it)."""
+    import time
+
+    import jax
+
+    source = os.path.join(checkpoint_dir(workdir), str(step))
+    target = os.path.join(os.path.abspath(workdir), "checkpoints_unreadable", f"{step}-{int(time.time())}")
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.rename(source, target)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"certjax_set_aside_{step}")
+    manager.reload()
+    return target
+
+
+def _warn(message: str) -> None:
+    import sys
+
+    import jax
+
+    if jax.process_index() == 0:
+        print(f"certjax: warning: {message}", file=sys.stderr, flush=True)
+
+
 def restore_config(manager, step: int) -> ml_collections.ConfigDict:
     restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     return ml_collections.ConfigDict(restored["config"])

@@ -5,8 +5,16 @@ schedule values (p of the l_p phase, the loss weight lam, eps_train) are traced 
 them never recompiles. Randomness comes from `fold_in(state.rng, state.step)`, so a resumed run draws the same
 numbers as an uninterrupted one; together with the step-indexed pipeline this makes resume bit-exact on CPU.
 
-Parallelism: one `Mesh` over all devices with a `data` axis; batches are sharded along it and the state is
-replicated, so statistics such as the mean-shift batch means are taken over the global batch by XLA.
+Parallelism: one `Mesh` over all devices (of all processes) with a `data` axis; batches are sharded along it
+and the state is replicated (the jitted steps' outputs are pinned to that layout), so statistics such as the
+mean-shift batch means and the loss are taken over the global batch by XLA, on 1 device or 8 or many hosts.
+Each process reads only its own slice of every batch (pipeline.MixedBatches) and evaluation results are
+replicated, so every process holds the whole result and process 0 writes it.
+
+Failure handling: a non-finite loss or gradient is flagged inside the step (no host sync); the loop checks
+the flag at every log line and before every save and stops with NonFiniteError naming the first bad step,
+so no checkpoint of a diverged state is ever written and the last good one stays the latest. Resume skips
+a checkpoint that cannot be restored (checkpoints.restore_latest).
 """
 
 import functools
@@ -28,6 +36,7 @@ from jax.sharding import PartitionSpec as P
 
 from certjax import checkpoints, schedules
 from certjax.certify import get_certifier, pixel_radius_scale
+from certjax.config_checks import check_config
 from certjax.data import pipeline
 from certjax.data.augment import normalize, random_crop_flip
 from certjax.losses import get_loss
@@ -45,10 +54,39 @@ class TrainState:
     rng: jax.Array  # raw uint32 key; per-step keys are fold_in(rng, step)
 
 
+NO_STEP = np.iinfo(np.int32).max  # "no non-finite step so far"
+
+
+class NonFiniteError(FloatingPointError):
+    """Training produced a non-finite loss or gradient; the message names the step and the kept checkpoint."""
+
+
+@flax.struct.dataclass
+class FirstNonFinite(clu_metrics.Metric):
+    """The first (0-based) step whose loss or gradient was not finite, NO_STEP if none: merged with min, so
+    a window of steps reports its earliest failure without a host sync per step."""
+
+    step: jax.Array
+
+    @classmethod
+    def from_model_output(cls, nonfinite_step, **_) -> "FirstNonFinite":
+        return cls(step=jnp.asarray(nonfinite_step, jnp.int32))
+
+    def merge(self, other: "FirstNonFinite") -> "FirstNonFinite":
+        return type(self)(step=jnp.minimum(self.step, other.step))
+
+    def reduce(self) -> "FirstNonFinite":
+        return type(self)(step=jnp.min(self.step))
+
+    def compute(self) -> jax.Array:
+        return self.step
+
+
 @flax.struct.dataclass
 class TrainMetrics(clu_metrics.Collection):
     loss: clu_metrics.Average.from_output("loss")
     accuracy: clu_metrics.Average.from_output("accuracy")
+    first_nonfinite: FirstNonFinite
 
 
 # ----------------------------------------------------------------------------------------------- optimiser
@@ -152,8 +190,12 @@ class Experiment:
             self.steps_per_epoch = math.ceil(len(self.sources.test) / config.train.batch_size)
         self.total_steps = config.train.epochs * self.steps_per_epoch
         self.tx = make_optimizer(config.optimizer, self.total_steps, self.steps_per_epoch)
-        self.train_step = jax.jit(self._train_step, donate_argnums=(0,))
-        self.eval_step = jax.jit(self._eval_step)
+        # Outputs pinned to the replicated layout: the state every process holds, whole, after each step.
+        self.state_sharding = jax.tree.map(lambda _: self.replicated, self.abstract_state())
+        self.train_step = jax.jit(
+            self._train_step, donate_argnums=(0,), out_shardings=(self.state_sharding, self.replicated)
+        )
+        self.eval_step = jax.jit(self._eval_step, out_shardings=self.replicated)
 
     # -- state
 
@@ -174,8 +216,7 @@ class Experiment:
         return jax.eval_shape(self._init, jax.random.PRNGKey(0))
 
     def init_state(self) -> TrainState:
-        shardings = jax.tree.map(lambda _: self.replicated, self.abstract_state())
-        init = jax.jit(self._init, out_shardings=shardings)
+        init = jax.jit(self._init, out_shardings=self.state_sharding)
         return init(jax.random.PRNGKey(self.config.seed))
 
     def abstract_restore_target(self):
@@ -188,6 +229,14 @@ class Experiment:
         """This process's slice of a batch -> a global array sharded along the `data` mesh axis."""
         return jax.tree.map(
             lambda a: jax.make_array_from_process_local_data(self.batch_sharding, a), local_batch
+        )
+
+    def sharded_copy(self, full_batch):
+        """A batch every process holds whole (evaluation) -> a global array sharded along `data`; each
+        process places only the rows of its own devices."""
+        return jax.tree.map(
+            lambda a: jax.make_array_from_callback(a.shape, self.batch_sharding, lambda index: a[index]),
+            full_batch,
         )
 
     # -- steps
@@ -220,13 +269,18 @@ class Experiment:
             return jnp.mean(losses), (logits, updates)
 
         (loss, (logits, updates)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+        finite = jnp.isfinite(loss) & jnp.all(
+            jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+        )
         param_updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, param_updates)
         new_state = state.replace(
             step=state.step + 1, params=params, model_state=dict(updates), opt_state=opt_state
         )
         metrics = TrainMetrics.single_from_model_output(
-            loss=loss, accuracy=(jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+            loss=loss,
+            accuracy=(jnp.argmax(logits, -1) == labels).astype(jnp.float32),
+            nonfinite_step=jnp.where(finite, NO_STEP, state.step),
         )
         return new_state, metrics
 
@@ -281,9 +335,9 @@ class Experiment:
             pad = (-n) % jax.device_count()  # shard evenly; padded rows are dropped below
             if pad:
                 batch = {k: np.concatenate([v, v[:1].repeat(pad, 0)]) for k, v in batch.items()}
-            batch = jax.device_put(batch, self.batch_sharding)
+            labels = batch["label"]
             logits, logit_error = self.eval_step(
-                params, model_state, batch, np.float32(bounds.get("input_error_gain", 1.0))
+                params, model_state, self.sharded_copy(batch), np.float32(bounds.get("input_error_gain", 1.0))
             )
             certify = functools.partial(
                 self.certifier,
@@ -292,7 +346,7 @@ class Experiment:
                 std=self.config.data.std,
                 logit_error=logit_error,
             )
-            result = certify(batch["label"], pair_lipschitz=bounds["pair_lipschitz"])
+            result = certify(labels, pair_lipschitz=bounds["pair_lipschitz"])
             # The certified radius of the *predicted* class (= radius on correct points; on incorrect ones,
             # how robustly the model is wrong: the seed paper's Fig. 5), from the same logits.
             predicted = certify(
@@ -300,11 +354,11 @@ class Experiment:
             )
             result["prediction_radius"] = predicted["radius"]
             if bounds["assumed_pair_lipschitz"] is not None:
-                assumed = certify(batch["label"], pair_lipschitz=bounds["assumed_pair_lipschitz"])
+                assumed = certify(labels, pair_lipschitz=bounds["assumed_pair_lipschitz"])
                 result["certified_assumed"] = assumed["certified"]
                 result["radius_assumed"] = assumed["radius"]
             result["logit_error"] = logit_error
-            result["label"] = batch["label"]
+            result["label"] = labels
             outputs.append(jax.tree.map(lambda a, n=n: np.asarray(a)[:n], result))
         results = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
         self.last_bounds_report = bounds["report"]
@@ -331,7 +385,7 @@ class Experiment:
         """Running means := the exact average of per-batch means over one pass of the training batches
         (steps 0 .. steps_per_epoch - 1 of the pipeline, no augmentation) through the deterministic path."""
         if not hasattr(self, "_batch_means_jit"):
-            self._batch_means_jit = jax.jit(self._batch_means)
+            self._batch_means_jit = jax.jit(self._batch_means, out_shardings=self.replicated)
         total, count = None, 0
         for batch in self.batches.iterate(0, self.steps_per_epoch, threads=self.config.data.reader_threads):
             means = self._batch_means_jit(state.params, state.model_state, self.global_batch(batch))
@@ -365,14 +419,23 @@ def _device_schedule(values: dict[str, float]) -> dict[str, np.ndarray]:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Train (resuming from the latest checkpoint in workdir if any), evaluating every few epochs."""
+    """Train (resuming from the latest readable checkpoint in workdir if any), evaluating every few epochs."""
+    check_config(config, device_count=jax.device_count(), process_count=jax.process_count())
     os.makedirs(workdir, exist_ok=True)
     exp = Experiment(config)
     console(exp.sources.describe())
     manager = checkpoints.make_manager(workdir, keep=config.checkpoint.keep)
-    latest = manager.latest_step()
+    try:
+        return _train_loop(config, workdir, exp, manager)
+    finally:
+        # An in-flight asynchronous save completes even when training stops with an error.
+        manager.wait_until_finished()
+        manager.close()
+
+
+def _train_loop(config, workdir: str, exp: Experiment, manager) -> TrainState:
+    state, latest = checkpoints.restore_latest(manager, workdir, exp.abstract_restore_target())
     if latest is not None:
-        state = checkpoints.restore_state(manager, latest, exp.abstract_restore_target())
         console(f"Resuming from {checkpoints.checkpoint_dir(workdir)} at step {latest}.")
     else:
         state = exp.init_state()
@@ -383,7 +446,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     console(
         f"{config.family}:{config.variant} params={num_params:,} epochs={config.train.epochs} "
         f"steps/epoch={spe} batch={config.train.batch_size} "
-        f"(real {exp.batches.num_real} + generated {exp.batches.num_generated})"
+        f"(real {exp.batches.num_real} + generated {exp.batches.num_generated}) "
+        f"devices={jax.device_count()} processes={jax.process_count()}"
     )
 
     writer = MetricWriter(os.path.join(workdir, "tensorboard"))
@@ -402,8 +466,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         epoch_end = done % spe == 0 or done == total
         if done % config.train.log_every_steps == 0 or epoch_end:
             summary = train_metrics.compute()
-            if not np.isfinite(summary["loss"]):
-                raise FloatingPointError(f"Non-finite training loss at step {done}: {summary['loss']}")
+            _stop_if_nonfinite(summary, spe, manager, workdir)
             now = time.perf_counter()
             img_s = window_images / max(now - window_start, 1e-9)
             eta = (total - done) * (now - run_start) / max(done - run_start_step, 1)
@@ -452,10 +515,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     },
                 )
             window_start, window_images = time.perf_counter(), 0
-    manager.wait_until_finished()
-    manager.close()
     writer.close()
     return state
+
+
+def _stop_if_nonfinite(summary, steps_per_epoch: int, manager, workdir: str) -> None:
+    first = int(summary["first_nonfinite"])
+    if first == NO_STEP:
+        return
+    manager.wait_until_finished()
+    kept = manager.latest_step()
+    where = (
+        f"the last good checkpoint, step {kept} in {checkpoints.checkpoint_dir(workdir)}, is kept and a "
+        "rerun resumes from it"
+        if kept is not None
+        else "no checkpoint had been saved yet"
+    )
+    raise NonFiniteError(
+        f"non-finite loss or gradient at step {first + 1} (epoch {(first + 1) / steps_per_epoch:.2f}; mean "
+        f"loss of the window {float(summary['loss']):.4g}). Nothing was saved after it: {where}. Lower "
+        "--config.optimizer.lr or set --config.optimizer.clip_norm (e.g. 1.0), then run the same command."
+    )
 
 
 def _hms(seconds: float) -> str:

@@ -1,0 +1,215 @@
+"""Config validation before any compute: every problem at once, each naming the key and the fix.
+
+A typo in a key (`train.epoch`), a ratio outside [0, 1], a batch that the devices cannot split evenly or a
+negative radius would otherwise surface minutes later (after the data is read and the step compiled) as a
+shape error or a silently ignored setting. `check_config` runs first in training; launch.py also checks
+the `--config.*` override keys against the config file before flags are parsed (ml_collections would stop
+with a traceback).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import math
+from collections.abc import Iterable
+
+import ml_collections
+
+# Keys the code reads with .get() that a family's get_config may leave out (see evaluate.radii_of).
+OPTIONAL_KEYS = frozenset({"certify.radii"})
+DATASETS = ("cifar10", "cifar100")
+SUBSET_MODES = ("first", "random")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("cosine", "constant", "multistep")
+KERNELS = ("auto", "pallas", "jnp", "interpret")
+
+
+class ConfigError(ValueError):
+    """One or more invalid config values; the message lists each with its fix."""
+
+
+def flat_keys(config, prefix: str = "") -> dict[str, object]:
+    """{"train.epochs": 100, ...} for every leaf of a (nested) ConfigDict or dict."""
+    out = {}
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, (ml_collections.ConfigDict, dict)):
+            out.update(flat_keys(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def reference_config(config) -> ml_collections.ConfigDict | None:
+    """The family's own get_config(variant) (configs/<family>.py), or None where configs/ is not importable
+    (certjax installed without the repository) or the config names no family."""
+    family = config.get("family", "")
+    if not family:
+        return None
+    try:
+        module = importlib.import_module(f"configs.{family}")
+    except ImportError:
+        return None
+    return module.get_config(config.get("variant", ""))
+
+
+def unknown_key_errors(keys: Iterable[str], reference, where: str) -> list[str]:
+    """One message per key absent from `reference`, with the nearest valid keys."""
+    valid = set(flat_keys(reference)) | OPTIONAL_KEYS
+    errors = []
+    for key in keys:
+        if key in valid or any(key.startswith(v + ".") for v in valid):
+            continue
+        close = difflib.get_close_matches(key, sorted(valid), n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(close)}?" if close else "no similar key"
+        section = key.rsplit(".", 1)[0] if "." in key else ""
+        siblings = sorted(k for k in valid if section and k.startswith(section + "."))
+        listing = (
+            f" Keys under {section}: {', '.join(s.split('.')[-1] for s in siblings)}." if siblings else ""
+        )
+        errors.append(f"{key}: no such key in {where} ({hint}).{listing}")
+    return errors
+
+
+def check_config(config, *, device_count: int = 1, process_count: int = 1, unknown_keys: bool = True) -> None:
+    """Raise ConfigError listing every invalid value of a training config; return None if it is valid."""
+    errors: list[str] = []
+
+    def need(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            errors.append(f"{key}: {message}")
+
+    def number(key: str):
+        section, name = key.split(".")
+        return config[section].get(name, None)
+
+    if unknown_keys:
+        reference = reference_config(config)
+        if reference is not None:
+            where = f"configs/{config.family}.py:{config.get('variant', '')}"
+            errors += unknown_key_errors(flat_keys(config), reference, where)
+
+    from certjax.losses import LOSSES
+    from certjax.models import FAMILIES
+
+    need(
+        config.model.name in FAMILIES,
+        "model.name",
+        f"{config.model.name!r} is not a family; use one of {sorted(FAMILIES)}",
+    )
+    need(
+        config.loss.name in LOSSES,
+        "loss.name",
+        f"{config.loss.name!r} is not a loss; use one of {sorted(LOSSES)}",
+    )
+    kernel = config.model.get("kernel", "auto")
+    need(kernel in KERNELS, "model.kernel", f"{kernel!r}; use one of {list(KERNELS)}")
+
+    for key in (
+        "train.epochs",
+        "train.batch_size",
+        "train.eval_batch_size",
+        "train.log_every_steps",
+        "train.eval_every_epochs",
+        "checkpoint.every_epochs",
+        "checkpoint.keep",
+    ):
+        value = number(key)
+        need(isinstance(value, int) and value >= 1, key, f"{value!r}; must be an integer >= 1")
+    for key in (
+        "train.eval_subset",
+        "data.real_subset",
+        "data.generated_limit",
+        "data.reader_threads",
+        "augment.pad",
+    ):
+        value = number(key)
+        if value is not None:
+            need(
+                isinstance(value, int) and value >= 0,
+                key,
+                f"{value!r}; must be an integer >= 0 (0 = off/all)",
+            )
+
+    batch = config.train.batch_size
+    if isinstance(batch, int) and batch >= 1:
+        for count, what in ((device_count, "devices"), (process_count, "processes")):
+            if batch % count:
+                fix = count * math.ceil(batch / count)
+                errors.append(
+                    f"train.batch_size: {batch} does not split evenly over the {count} {what}; use a "
+                    f"multiple of {count}, e.g. --config.train.batch_size={fix}"
+                )
+
+    fraction = config.data.real_fraction
+    need(
+        isinstance(fraction, (int, float)) and 0.0 <= fraction <= 1.0,
+        "data.real_fraction",
+        f"{fraction!r}; the real share of every batch must be in [0, 1] (0.3 = the paper's 30 % real)",
+    )
+    need(
+        config.data.dataset in DATASETS,
+        "data.dataset",
+        f"{config.data.dataset!r}; use one of {list(DATASETS)}",
+    )
+    need(
+        config.data.real_subset_mode in SUBSET_MODES,
+        "data.real_subset_mode",
+        f"{config.data.real_subset_mode!r}; use one of {list(SUBSET_MODES)}",
+    )
+    mean, std = tuple(config.data.mean), tuple(config.data.std)
+    need(len(mean) == 3, "data.mean", f"{mean}; one value per RGB channel (3 values)")
+    need(
+        len(std) == 3 and all(s > 0 for s in std),
+        "data.std",
+        f"{std}; 3 positive values (one per RGB channel)",
+    )
+
+    eps = config.certify.eps
+    need(
+        isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0,
+        "certify.eps",
+        f"{eps!r}; the certified radius must be finite and >= 0 (pixel units, e.g. 8/255 or 36/255)",
+    )
+    radii = config.certify.get("radii", None) or ()
+    need(all(r >= 0 for r in radii), "certify.radii", f"{tuple(radii)}; radii must be >= 0")
+    eps_train = config.loss.get("eps_train", 0.0)
+    need(eps_train >= 0, "loss.eps_train", f"{eps_train!r}; must be >= 0")
+
+    opt = config.optimizer
+    need(opt.name in OPTIMIZERS, "optimizer.name", f"{opt.name!r}; use one of {list(OPTIMIZERS)}")
+    need(opt.schedule in SCHEDULES, "optimizer.schedule", f"{opt.schedule!r}; use one of {list(SCHEDULES)}")
+    need(math.isfinite(opt.lr) and opt.lr > 0, "optimizer.lr", f"{opt.lr!r}; the learning rate must be > 0")
+    for key in ("weight_decay", "clip_norm", "warmup_epochs", "scale_lr"):
+        value = opt.get(key, 0.0)
+        need(value >= 0, f"optimizer.{key}", f"{value!r}; must be >= 0")
+    warmup = opt.get("warmup_epochs", 0)
+    if isinstance(config.train.epochs, int):
+        need(
+            warmup < config.train.epochs or warmup == 0,
+            "optimizer.warmup_epochs",
+            f"{warmup} >= train.epochs={config.train.epochs}; warm up for fewer epochs than the run",
+        )
+    milestones = tuple(opt.get("milestones", ()) or ())
+    need(
+        all(0 < m <= 1 for m in milestones),
+        "optimizer.milestones",
+        f"{milestones}; fractions of the run in (0, 1]",
+    )
+
+    if "p_schedule" in config and config.p_schedule.get("enabled", False):
+        ps = config.p_schedule
+        need(
+            0 <= ps.start_fraction <= ps.end_fraction <= 1,
+            "p_schedule.start_fraction",
+            f"start {ps.start_fraction}, end {ps.end_fraction}; need 0 <= start <= end <= 1",
+        )
+        need(
+            ps.p_start >= 1 and ps.p_end >= ps.p_start,
+            "p_schedule.p_start",
+            f"p_start {ps.p_start}, p_end {ps.p_end}; need 1 <= p_start <= p_end",
+        )
+
+    if errors:
+        raise ConfigError(f"{len(errors)} invalid config value(s):\n" + "\n".join(f"  - {e}" for e in errors))
