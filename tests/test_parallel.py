@@ -143,10 +143,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_like_one(tmp_path, single_device_runs):
-    """Two local processes (coordinator on 127.0.0.1), one CPU device each, each reading only its half of
-    every batch, train, checkpoint and evaluate together; the result equals one process's."""
-    workdir = tmp_path / "two"
+def _run_two_processes(workdir: Path, *extra, mode="train") -> list[str]:
+    """The same command in two local processes (one CPU device each) joined through a coordinator on
+    127.0.0.1; returns their stdouts."""
     address = f"127.0.0.1:{_free_port()}"
     procs = [
         subprocess.Popen(
@@ -156,7 +155,8 @@ def test_two_processes_train_like_one(tmp_path, single_device_runs):
                 f"--coordinator_address={address}",
                 "--num_processes=2",
                 f"--process_id={i}",
-                mode="train_and_evaluate",
+                *extra,
+                mode=mode,
             ),  # fmt: skip
             env=_env(1),
             cwd=REPO,
@@ -169,9 +169,17 @@ def test_two_processes_train_like_one(tmp_path, single_device_runs):
     outputs = [p.communicate(timeout=540) for p in procs]
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
-    assert "devices=2 processes=2" in outputs[0][0]
+    return [out for out, _ in outputs]
+
+
+def test_two_processes_train_like_one(tmp_path, single_device_runs):
+    """Two processes, each reading only its half of every batch, train, checkpoint (orbax, from both) and
+    evaluate together; the result equals one process's. A second pair resumes from their checkpoint."""
+    workdir = tmp_path / "two"
+    first, second = _run_two_processes(workdir, mode="train_and_evaluate")
+    assert "devices=2 processes=2" in first
     # process 1 prints nothing of its own (console output is process 0's); gloo announces its connections
-    assert [line for line in outputs[1][0].splitlines() if not line.startswith("[Gloo]")] == []
+    assert [line for line in second.splitlines() if not line.startswith("[Gloo]")] == []
     step_2, state_2 = _model(workdir)
     step_1, state_1 = _model(single_device_runs["linf_dist"])
     assert step_1 == step_2 == 8
@@ -179,3 +187,9 @@ def test_two_processes_train_like_one(tmp_path, single_device_runs):
     records = [json.loads(line) for line in (workdir / "results.jsonl").read_text().splitlines()]
     assert len(records) == 1  # written once, by process 0
     assert records[0]["num_test"] == 1000 and records[0]["last_epoch"] == 2
+
+    first, _ = _run_two_processes(workdir, "--config.train.epochs=3")
+    assert f"Resuming from {workdir / 'checkpoints'} at step 8." in first
+    step, state = _model(workdir)
+    assert step == 12
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state))
