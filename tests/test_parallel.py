@@ -11,9 +11,9 @@ magnitude on 8 devices, and 1.1e-7 with two processes: a few ulps. We assert 1e-
 magnitude: ~40x the measured rounding, and far below how much training moves the model in the last 4 steps
 alone (measured 0.36-0.40 of the largest leaf; asserted > 100x the tolerance, so the comparison has teeth).
 An error in the data-parallel semantics (statistics over a per-device batch of 8 instead of the global 64,
-dropout masks drawn per device) would change the updates at O(1). Adam is not used here: it divides by sqrt(v),
-so a coordinate whose gradient is itself at rounding level moves by up to lr either way (measured: 7.6e-4 of
-the leaf's magnitude after 8 steps), a tolerance too loose to catch anything.
+dropout masks drawn per device) would change the updates at O(1). Adam is not used here: it divides by
+sqrt(v), so a coordinate whose gradient is itself at rounding level moves by up to lr either way (measured:
+7.6e-4 of the leaf's magnitude after 8 steps), a tolerance too loose to catch anything.
 """
 
 import json

@@ -39,7 +39,7 @@ def slug(*parts) -> str:
 
 def _save(fig, path: str) -> str:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # long axis labels stay whole
     plt.close(fig)
     return path
 
