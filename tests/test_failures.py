@@ -9,11 +9,8 @@ the cause and the fix, and must leave every checkpoint and results line whole.
 """
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +18,11 @@ import pytest
 
 from certjax import evaluate
 from certjax.config_checks import ConfigError, check_config
-from tests.conftest import REPO
+from tests.conftest import run_launch
 from tests.test_parallel import restore_anywhere
 
+CONFIG = "configs/linf_dist.py:demo"
 TINY = [
-    "--config=configs/linf_dist.py:demo",
     "--config.model.depth=3",
     "--config.model.width=32",
     "--config.train.batch_size=64",
@@ -37,11 +34,7 @@ TINY = [
 
 
 def _launch(workdir, *extra, mode="train", devices=1):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    command = [sys.executable, str(REPO / "launch.py"), f"--workdir={workdir}", f"--mode={mode}"]
-    command += [*TINY, *extra]
-    return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
+    return run_launch(CONFIG, workdir, *TINY, *extra, mode=mode, devices=devices)
 
 
 def _steps(workdir: Path) -> list[int]:

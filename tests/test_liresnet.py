@@ -346,19 +346,13 @@ def test_rounding_allowance_covers_the_float64_logits(tiny_trained_liresnet):
 
 def test_launch_trains_and_evaluates_liresnet_with_guaranteed_and_power_bounds(tmp_path):
     import json
-    import os
-    import subprocess
-    import sys
 
-    from tests.conftest import REPO
+    from tests.conftest import run_launch
 
     workdir = tmp_path / "liresnet"
-    command = [
-        sys.executable,
-        str(REPO / "launch.py"),
-        "--config=configs/liresnet.py:XS,demo",
-        f"--workdir={workdir}",
-        "--mode=train_and_evaluate",
+    result = run_launch(
+        "configs/liresnet.py:XS,demo",
+        workdir,
         "--config.model.width=8",
         "--config.model.neck_features=32",
         "--config.model.eval_power_iterations=50",
@@ -366,9 +360,8 @@ def test_launch_trains_and_evaluates_liresnet_with_guaranteed_and_power_bounds(t
         "--config.train.batch_size=64",
         "--config.data.real_subset=256",
         "--config.train.eval_batch_size=250",
-    ]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
+        mode="train_and_evaluate",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "measured Lipschitz bound of the body" in result.stdout
     (record,) = [json.loads(line) for line in (workdir / "results.jsonl").read_text().splitlines()]

@@ -315,27 +315,20 @@ def test_rounding_allowance_covers_the_float64_logits(tiny_trained_lot):
 
 def test_launch_trains_and_evaluates_lot_with_measured_and_assumed_bounds(tmp_path):
     import json
-    import os
-    import subprocess
-    import sys
 
-    from tests.conftest import REPO
+    from tests.conftest import run_launch
 
     workdir = tmp_path / "lot"
-    command = [
-        sys.executable,
-        str(REPO / "launch.py"),
-        "--config=configs/lot.py:S,demo,cosine",
-        f"--workdir={workdir}",
-        "--mode=train_and_evaluate",
+    result = run_launch(
+        "configs/lot.py:S,demo,cosine",
+        workdir,
         "--config.model.init_channels=4",
         "--config.train.epochs=2",
         "--config.train.batch_size=64",
         "--config.data.real_subset=256",
         "--config.train.eval_batch_size=250",
-    ]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
+        mode="train_and_evaluate",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "measured Lipschitz bound of the body" in result.stdout
     (record,) = [json.loads(line) for line in (workdir / "results.jsonl").read_text().splitlines()]

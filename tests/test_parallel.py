@@ -17,10 +17,8 @@ sqrt(v), so a coordinate whose gradient is itself at rounding level moves by up 
 """
 
 import json
-import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -28,14 +26,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, launch_command, launch_env
 
 RTOL = 1e-5
-SETTINGS = {
-    "linf_dist": ["--config=configs/linf_dist.py:demo", "--config.model.depth=3", "--config.model.width=32"],
-    "sortnet": ["--config=configs/sortnet.py:demo", "--config.model.depth=3", "--config.model.width=32"],
-}
+CONFIGS = {"linf_dist": "configs/linf_dist.py:demo", "sortnet": "configs/sortnet.py:demo"}
 COMMON = [
+    "--config.model.depth=3",
+    "--config.model.width=32",
     "--config.train.batch_size=64",
     "--config.data.real_subset=256",  # 4 steps per epoch
     "--config.train.epochs=2",
@@ -48,19 +45,12 @@ COMMON = [
 ]
 
 
-def _env(devices: int) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return env
-
-
 def _command(family: str, workdir, *extra, mode="train") -> list[str]:
-    return [sys.executable, str(REPO / "launch.py"), f"--workdir={workdir}", f"--mode={mode}",
-            *SETTINGS[family], *COMMON, *extra]  # fmt: skip
+    return launch_command(CONFIGS[family], workdir, *COMMON, *extra, mode=mode)
 
 
 def _run(command, devices: int) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, env=_env(devices), cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(command, env=launch_env(devices), cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -115,14 +105,14 @@ def assert_states_close(a, b, rtol=RTOL) -> float:
 def single_device_runs(tmp_path_factory):
     """One process, one device: the reference for every family."""
     out = {}
-    for family in SETTINGS:
+    for family in CONFIGS:
         workdir = tmp_path_factory.mktemp(f"one_{family}")
         _run(_command(family, workdir), devices=1)
         out[family] = workdir
     return out
 
 
-@pytest.mark.parametrize("family", sorted(SETTINGS))
+@pytest.mark.parametrize("family", sorted(CONFIGS))
 def test_eight_host_devices_train_like_one(tmp_path, single_device_runs, family):
     result = _run(_command(family, tmp_path / "eight"), devices=8)
     assert "steps/epoch=4 batch=64" in result.stdout
@@ -159,7 +149,7 @@ def _run_two_processes(workdir: Path, *extra, mode="train") -> list[str]:
                 *extra,
                 mode=mode,
             ),  # fmt: skip
-            env=_env(1),
+            env=launch_env(1),
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

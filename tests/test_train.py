@@ -1,10 +1,8 @@
 """The trainer end to end: one compilation, bit-exact resume after SIGKILL, launch.py train + evaluate."""
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from certjax import schedules
-from tests.conftest import REPO
+from tests.conftest import REPO, launch_command, launch_env
 
 TINY = [
     "--config.model.depth=3",
@@ -27,20 +25,7 @@ TINY = [
 
 
 def _launch(workdir, *extra, mode="train"):
-    return [
-        sys.executable,
-        str(REPO / "launch.py"),
-        "--config=configs/linf_dist.py:demo",
-        f"--workdir={workdir}",
-        f"--mode={mode}",
-        *TINY,
-        *extra,
-    ]
-
-
-def _env():
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-    return env
+    return launch_command("configs/linf_dist.py:demo", workdir, *TINY, *extra, mode=mode)
 
 
 def _final_params(workdir):
@@ -76,7 +61,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
     subprocess.run(
         _launch(straight, *args),
         check=True,
-        env=_env(),
+        env=launch_env(),
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -84,7 +69,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
 
     proc = subprocess.Popen(
         _launch(killed, *args),
-        env=_env(),
+        env=launch_env(),
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -112,7 +97,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
     subprocess.run(
         _launch(killed, *args),
         check=True,
-        env=_env(),
+        env=launch_env(),
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -142,7 +127,7 @@ def test_launch_trains_and_evaluates_on_real_images(tmp_path, generated):
     workdir = tmp_path / "run"
     result = subprocess.run(
         _launch(workdir, *extra, mode="train_and_evaluate"),
-        env=_env(),
+        env=launch_env(),
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -182,7 +167,7 @@ def test_launch_trains_and_evaluates_on_real_images(tmp_path, generated):
     # evaluating again appends a second record and leaves the first intact
     again = subprocess.run(
         _launch(workdir, "--checkpoint=last", mode="evaluate"),
-        env=_env(),
+        env=launch_env(),
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -195,7 +180,7 @@ def test_launch_trains_and_evaluates_on_real_images(tmp_path, generated):
 def test_bad_data_stops_with_one_clear_message(tmp_path):
     missing = tmp_path / "nowhere-{split}.zip"
     result = subprocess.run(
-        _launch(tmp_path / "run", f"--config.data.real={missing}"), env=_env(), cwd=REPO,
+        _launch(tmp_path / "run", f"--config.data.real={missing}"), env=launch_env(), cwd=REPO,
         capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode == 2
