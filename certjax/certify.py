@@ -63,6 +63,14 @@ def pairwise_row_distances(rows) -> np.ndarray:
     return np.sqrt(np.maximum(np.sum((rows[:, None, :] - rows[None, :, :]) ** 2, axis=-1), 0.0))
 
 
+def pair_lipschitz_matrix(pair_bounds) -> np.ndarray:
+    """K_yj for the l_2 certifier from float64 per-pair bounds (body bound x head row distance): rounded up to
+    float32, diagonal 1 (the true class has no margin with itself; the value is never used)."""
+    pair_bounds = np.array(pair_bounds, np.float64)
+    np.fill_diagonal(pair_bounds, 1.0)
+    return round_up_float32_array(pair_bounds)
+
+
 def rounding_slack(true_logit, other_logits):
     return RELATIVE_ROUNDING * (jnp.abs(true_logit) + jnp.abs(other_logits)) + ABSOLUTE_ROUNDING
 

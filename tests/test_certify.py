@@ -157,3 +157,16 @@ def test_rounding_bound_covers_the_exact_float64_logits(tiny_trained_model):
     assert np.all(deviation <= bound), (deviation.max(), bound.min())
     assert bound.max() < 1e-3  # and the bound is small enough not to cost accuracy
     assert deviation.max() > 0  # float32 really did round: the comparison is not vacuous
+
+
+def test_pair_lipschitz_matrix_rounds_up_and_ignores_the_diagonal():
+    from certjax.certify import pair_lipschitz_matrix
+
+    rng = np.random.default_rng(0)
+    bounds = rng.uniform(0.5, 2.0, (10, 10))  # float64: most values lie between two float32s
+    k = pair_lipschitz_matrix(bounds)
+    assert k.dtype == np.float32
+    off = ~np.eye(10, dtype=bool)
+    assert np.all(k[off].astype(np.float64) >= bounds[off])  # never below the float64 bound
+    assert np.all(np.nextafter(k[off], np.float32(0)).astype(np.float64) < bounds[off])  # the least such
+    assert np.all(np.diag(k) == 1.0) and bounds[0, 0] != 1.0  # the input is not modified

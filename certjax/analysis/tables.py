@@ -48,6 +48,19 @@ def percent(value, n: int = 1) -> str:
     return f"{text} ({n})" if n > 1 else text
 
 
+def _clean_and_certified_cells(columns: dict, groups: list) -> list[str]:
+    """Clean and certified accuracy (%) for each column group; two empty cells where a group has no record."""
+    values = []
+    for group in groups:
+        summary = columns.get(group)
+        values += (
+            [percent(summary["clean"], summary["n"]), percent(summary["certified"], summary["n"])]
+            if summary
+            else ["", ""]
+        )
+    return values
+
+
 def signed_points(value) -> str:
     return "" if value is None else f"{100 * value:+.2f}"
 
@@ -61,14 +74,7 @@ def aux_table(records, name: str, title: str, checkpoint: str = "best") -> Table
     rows = []
     for row in sorted(cells, key=lambda r: tuple(str(v) for v in r[:2]) + (int(r[2] or 0),)):
         columns = cells[row]
-        values = []
-        for group in groups:
-            summary = columns.get(group)
-            values += (
-                [percent(summary["clean"], summary["n"]), percent(summary["certified"], summary["n"])]
-                if summary
-                else ["", ""]
-            )
+        values = _clean_and_certified_cells(columns, groups)
         gain, where = rec.best_gain(columns)
         values.append("" if gain is None else f"{signed_points(gain)} ({where})")
         rows.append(([str(v) for v in row], values))
@@ -97,14 +103,7 @@ def scheduler_table(records, checkpoint: str = "best", family: str = "lot") -> T
     rows = []
     for row in sorted(cells, key=lambda r: (str(r[0]), str(r[1]), int(r[2] or 0), rec.column_order(r[3]))):
         columns = cells[row]
-        values = []
-        for group in groups:
-            summary = columns.get(group)
-            values += (
-                [percent(summary["clean"], summary["n"]), percent(summary["certified"], summary["n"])]
-                if summary
-                else ["", ""]
-            )
+        values = _clean_and_certified_cells(columns, groups)
         both = all(columns.get(g) and columns[g]["certified"] is not None for g in groups)
         difference = columns["cosine"]["certified"] - columns["multistep"]["certified"] if both else None
         values.append(signed_points(difference))
