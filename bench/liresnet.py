@@ -14,22 +14,14 @@ power iteration, measured side by side in one run (XS = L6W128 at batch 256 by d
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import timed
 
 from certjax.losses import emma
 from certjax.models import liresnet
-
-
-def timed(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile
-    start = time.perf_counter()
-    for _ in range(repeats):
-        jax.block_until_ready(fn(*args))
-    return (time.perf_counter() - start) / repeats
 
 
 def loss_gradient(model):

@@ -13,20 +13,12 @@ or network (gradient of a random linear function of the output w.r.t. parameters
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
+from timing import timed
 
 from certjax.models import lot
-
-
-def timed(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile
-    start = time.perf_counter()
-    for _ in range(repeats):
-        jax.block_until_ready(fn(*args))
-    return (time.perf_counter() - start) / repeats
 
 
 def full_step(model):

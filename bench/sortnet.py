@@ -11,23 +11,14 @@ and each one's ratio to the l_inf-dist layer at p = inf.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
+from timing import timed
 
 from certjax.kernels.linf_dist import lp_distance, masked_lp_distance
 from certjax.kernels.sort_neuron import sort_distance
 from certjax.models.sortnet import dropout_mask, float32_sort_weights
-
-
-def timed(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile
-    start = time.perf_counter()
-    for _ in range(repeats):
-        jax.block_until_ready(fn(*args))
-    return (time.perf_counter() - start) / repeats
-
 
 INF, EIGHT = float("inf"), 8.0
 

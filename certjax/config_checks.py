@@ -84,6 +84,10 @@ def check_config(config, *, device_count: int = 1, process_count: int = 1, unkno
         section, name = key.split(".")
         return config[section].get(name, None)
 
+    def one_of(key: str, valid) -> None:
+        value = number(key)
+        need(value in valid, key, f"{value!r}; use one of {sorted(valid)}")
+
     if unknown_keys:
         reference = reference_config(config)
         if reference is not None:
@@ -93,18 +97,10 @@ def check_config(config, *, device_count: int = 1, process_count: int = 1, unkno
     from certjax.losses import LOSSES
     from certjax.models import FAMILIES
 
-    need(
-        config.model.name in FAMILIES,
-        "model.name",
-        f"{config.model.name!r} is not a family; use one of {sorted(FAMILIES)}",
-    )
-    need(
-        config.loss.name in LOSSES,
-        "loss.name",
-        f"{config.loss.name!r} is not a loss; use one of {sorted(LOSSES)}",
-    )
-    kernel = config.model.get("kernel", "auto")
-    need(kernel in KERNELS, "model.kernel", f"{kernel!r}; use one of {list(KERNELS)}")
+    one_of("model.name", FAMILIES)
+    one_of("loss.name", LOSSES)
+    kernel = config.model.get("kernel", "auto")  # configs saved before the switch have none: "auto"
+    need(kernel in KERNELS, "model.kernel", f"{kernel!r}; use one of {sorted(KERNELS)}")
 
     for key in (
         "train.epochs",
@@ -148,16 +144,8 @@ def check_config(config, *, device_count: int = 1, process_count: int = 1, unkno
         "data.real_fraction",
         f"{fraction!r}; the real share of every batch must be in [0, 1] (0.3 = the paper's 30 % real)",
     )
-    need(
-        config.data.dataset in DATASETS,
-        "data.dataset",
-        f"{config.data.dataset!r}; use one of {list(DATASETS)}",
-    )
-    need(
-        config.data.real_subset_mode in SUBSET_MODES,
-        "data.real_subset_mode",
-        f"{config.data.real_subset_mode!r}; use one of {list(SUBSET_MODES)}",
-    )
+    one_of("data.dataset", DATASETS)
+    one_of("data.real_subset_mode", SUBSET_MODES)
     mean, std = tuple(config.data.mean), tuple(config.data.std)
     need(len(mean) == 3, "data.mean", f"{mean}; one value per RGB channel (3 values)")
     need(
@@ -178,8 +166,8 @@ def check_config(config, *, device_count: int = 1, process_count: int = 1, unkno
     need(eps_train >= 0, "loss.eps_train", f"{eps_train!r}; must be >= 0")
 
     opt = config.optimizer
-    need(opt.name in OPTIMIZERS, "optimizer.name", f"{opt.name!r}; use one of {list(OPTIMIZERS)}")
-    need(opt.schedule in SCHEDULES, "optimizer.schedule", f"{opt.schedule!r}; use one of {list(SCHEDULES)}")
+    one_of("optimizer.name", OPTIMIZERS)
+    one_of("optimizer.schedule", SCHEDULES)
     need(math.isfinite(opt.lr) and opt.lr > 0, "optimizer.lr", f"{opt.lr!r}; the learning rate must be > 0")
     for key in ("weight_decay", "clip_norm", "warmup_epochs", "scale_lr"):
         value = opt.get(key, 0.0)
