@@ -3,8 +3,9 @@
 This is the hot path of the l_inf-dist Net (Zhang et al., ICML'21, eq. 1) and SortNet's first layer. It is a
 "matmul" with (sub, abs, max) in place of (mul, add). `lp_distance` and `masked_lp_distance` are the functions
 models call; `kernel=` picks the implementation (`KERNELS`): "auto" = the Pallas kernels of
-`certjax.kernels.linf_dist_pallas` on GPU and the jnp path here elsewhere, "pallas", "jnp", or "interpret"
-(the Pallas kernels in interpret mode, any backend: tests).
+`certjax.kernels.linf_dist_pallas` on GPU for each configuration where they pass a check against the jnp
+path (`certjax.kernels.verify`; else, and off GPU, the jnp path here), "pallas" (unchecked: errors are
+raised), "jnp", or "interpret" (the Pallas kernels in interpret mode, any backend: tests).
 
 The jnp path is a `jax.custom_vjp` tuned for XLA CPU (2 shared cores; `python bench/linf_dist.py` runs the
 formulations side by side; at B=512, I=O=1024, p=inf, forward + backward: this path 0.16 s, the previous
@@ -277,22 +278,20 @@ def _masked_bwd(residuals, g):
 _masked_lp_distance_jnp.defvjp(_masked_fwd, _masked_bwd)
 
 
-def resolve_kernel(kernel: str) -> str:
-    """The implementation a KERNELS name stands for: "auto" is "pallas" (the Triton kernels) on GPU and
-    "jnp" elsewhere (CPU; TPU, where the Triton kernels do not lower)."""
-    if kernel not in KERNELS:
-        raise ValueError(f"unknown distance kernel {kernel!r}; valid: {KERNELS}")
-    if kernel == "auto":
-        return "pallas" if jax.default_backend() == "gpu" else "jnp"
-    return kernel
-
-
 def _distance(x, w, mask, p, kernel):
     check_shapes(x, w, mask)
-    kernel = resolve_kernel(kernel)
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown distance kernel {kernel!r}; valid: {KERNELS}")
+    # imported here: both modules import this one (reference, scatter backward, shape check)
+    if kernel == "auto":
+        from certjax.kernels import verify
+
+        checked = verify.auto_distance(x, w, mask)  # None: off GPU, or the kernels failed their check
+        if checked is not None:
+            return checked(x, w, mask, p)
+        kernel = "jnp"
     if kernel == "jnp":
         return _lp_distance_jnp(x, w, p) if mask is None else _masked_lp_distance_jnp(x, w, mask, p)
-    # imported here: the Pallas module imports this one (reference, scatter backward, shape check)
     from certjax.kernels import linf_dist_pallas
 
     return linf_dist_pallas.lp_distance_pallas(x, w, mask, p, interpret=kernel == "interpret")

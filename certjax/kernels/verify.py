@@ -1,0 +1,337 @@
+"""What kernel="auto" runs for the l_p-dist op: a candidate kernel checked once per configuration, else jnp.
+
+Why: the Pallas (Triton) kernels of `certjax.kernels.linf_dist_pallas` are the fast path on a GPU, but a
+Triton or jaxlib version, a GPU generation or a shape they were never run on can fail to compile them or,
+worse, compile them into something that computes wrong numbers. A training run of days should neither die
+on the first step nor train on wrong gradients because of that. So the first time "auto" meets a static
+configuration (`Signature`: shapes and dtypes of x and w, masked or not; the candidate fixes the tile
+sizes), it compiles the candidate for exactly that configuration and compares it with the jnp path
+(`linf_dist`, the same function on every backend) on random inputs of those shapes:
+
+* values of the plain forward and of the forward that keeps the arg-max, and both gradients (the backward
+  of sum(g * y) for a random g), at p = inf and at p = 8 (the keys of `TOLERANCES`): all four Pallas
+  kernels (l_inf with and without arg-max, l_p forward, l_p backward) and the scatter backward;
+* `TOLERANCES`: each output's largest difference, relative to its largest magnitude in the jnp result,
+  per p (below).
+
+A compile (or run) error or a difference above the tolerance gives one `KernelFallbackWarning` naming the
+error or the difference and the configuration, and "auto" uses the jnp path for that configuration. The
+verdict is kept for the life of the process (`decisions()`), so the check runs once per configuration, not
+once per step. kernel="pallas" never goes through here: it uses the kernels unchecked and fails loudly.
+
+When: while the model is traced (shapes are static then), so the check must not become part of the traced
+program. It runs in a fresh thread: JAX's trace state is thread-local, so there the check's jit calls
+execute on its own concrete arrays instead of being staged into the caller's program, and it only ever sees
+the `Signature` (Python ints and dtype names), never the caller's tracers.
+
+Many processes: SPMD programs must be identical in every process, so every process must choose the same
+path. Each process checks on the same inputs (a fixed seed) and the verdicts are then combined with an
+all-gather across processes (`jax.experimental.multihost_utils`): the candidate is used only if it passed
+everywhere. Every process reaches the check at the same point of the same trace, which is what a collective
+needs; a process whose own check passed names the other processes' failure in its warning.
+
+Tolerances. p = inf, 1e-5: both paths take the max of the same float32 |x - w| and the same (lowest)
+arg-max, so values agree bitwise and gradients up to the order of the scatter-add's sums (atomics on a GPU,
+~1e-7). A kernel fault (a wrong tile or offset, a lost mask, a skipped coordinate, a wrong arg-max) moves
+some value or gradient by O(0.01-1) there. p = 8, 1e-2: the kernel sums the p-th powers one coordinate at a
+time with a running rescale, the jnp path in XLA's order after the global max, so rounding grows with I:
+measured (interpret mode, CPU) 2e-5 of the largest gradient at I = 1024 and 1e-4 at I = 5120, the paper's
+widest layer; 1e-2 leaves ~100x for other GPU rounding and still catches a wrong tile of the l_p kernels
+(O(1)).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from certjax.kernels import linf_dist, linf_dist_pallas
+
+__all__ = [
+    "TOLERANCES",
+    "CheckResult",
+    "KernelFallbackWarning",
+    "Signature",
+    "auto_distance",
+    "candidate_for_auto",
+    "check_candidate",
+    "clear_decisions",
+    "decisions",
+    "jnp_distance",
+    "pallas_distance",
+]
+
+# p -> largest |candidate - jnp| / largest |jnp| allowed per output (module docstring). The p checked: the
+# l_inf phase and the start of the l_p phase of the p schedule.
+TOLERANCES = {float("inf"): 1e-5, 8.0: 1e-2}
+
+# (x, w, mask or None, p) -> y [B, O], differentiable in x and w
+Distance = Callable[..., jax.Array]
+
+
+class KernelFallbackWarning(RuntimeWarning):
+    """kernel="auto" found a candidate kernel broken for a configuration and uses the jnp path for it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Signature:
+    """A static configuration of the op: everything a compiled kernel depends on besides the tile sizes."""
+
+    x_shape: tuple[int, int]
+    w_shape: tuple[int, int]
+    x_dtype: str
+    w_dtype: str
+    mask_dtype: str | None  # None: not masked
+
+    @classmethod
+    def of(cls, x, w, mask=None) -> Signature:
+        """From arrays, tracers or ShapeDtypeStructs: only their static shapes and dtypes are read."""
+        return cls(
+            tuple(int(n) for n in x.shape),
+            tuple(int(n) for n in w.shape),
+            jnp.dtype(x.dtype).name,
+            jnp.dtype(w.dtype).name,
+            None if mask is None else jnp.dtype(mask.dtype).name,
+        )
+
+    def describe(self) -> str:
+        (batch, size), out = self.x_shape, self.w_shape[0]
+        dtypes = self.x_dtype if self.x_dtype == self.w_dtype else f"x {self.x_dtype}, w {self.w_dtype}"
+        masked = f", masked ({self.mask_dtype})" if self.mask_dtype else ""
+        return f"B x I x O = {batch} x {size} x {out}, {dtypes}{masked}"
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckResult:
+    """One configuration's verdict. errors: {"p=8 grad_w": largest difference / largest magnitude, ...}
+    (empty when the candidate did not compile or run); closest: the error nearest its tolerance, in words;
+    reason: why it failed, "" if it passed."""
+
+    signature: Signature
+    ok: bool
+    reason: str
+    errors: dict[str, float]
+    closest: str
+    seconds: float
+
+
+def pallas_distance(x, w, mask, p, *, blocks: linf_dist_pallas.BlockSizes | None = None, interpret=False):
+    """The Pallas kernels (default tiles unless `blocks`): the candidate "auto" checks on a GPU."""
+    blocks = linf_dist_pallas.BlockSizes() if blocks is None else blocks
+    return linf_dist_pallas.lp_distance_pallas(x, w, mask, p, blocks, interpret)
+
+
+def jnp_distance(x, w, mask, p):
+    """The jnp path (linf_dist's custom_vjp): the reference of the check and the fallback."""
+    if mask is None:
+        return linf_dist._lp_distance_jnp(x, w, p)
+    return linf_dist._masked_lp_distance_jnp(x, w, mask, p)
+
+
+_PALLAS = functools.partial(pallas_distance)  # one object: decisions are keyed by the candidate's identity
+_override: Distance | None = None  # candidate_for_auto
+_decisions: dict[tuple[Distance, Signature], CheckResult] = {}
+_lock = threading.RLock()
+
+
+@contextlib.contextmanager
+def candidate_for_auto(candidate: Distance) -> Iterator[None]:
+    """Within the block, kernel="auto" checks and uses `candidate` on every backend (not only on a GPU).
+
+    For tests: e.g. the Pallas kernels in interpret mode on CPU, or a deliberately broken kernel. A jitted
+    function traced before the block keeps the path it was traced with: trace a fresh one inside.
+    """
+    global _override
+    if not callable(candidate):
+        raise TypeError(f"candidate must be a function (x, w, mask, p) -> y, got {candidate!r}")
+    with _lock:
+        previous, _override = _override, candidate
+    try:
+        yield
+    finally:
+        with _lock:
+            _override = previous
+
+
+def decisions() -> dict[Signature, CheckResult]:
+    """The verdicts reached so far in this process (the default candidate and any test candidate)."""
+    with _lock:
+        return {signature: result for (_, signature), result in _decisions.items()}
+
+
+def clear_decisions() -> None:
+    """Forget every verdict: the next use of each configuration checks again."""
+    with _lock:
+        _decisions.clear()
+
+
+def auto_distance(x, w, mask=None) -> Distance | None:
+    """The distance function kernel="auto" uses for this configuration: the candidate (the Pallas kernels on
+    a GPU) if it passed its check, None for the jnp path. Checks on first use; x, w, mask may be tracers."""
+    with _lock:
+        candidate = _override
+    if candidate is None:
+        if jax.default_backend() != "gpu":  # the Triton kernels lower for CUDA only
+            return None
+        candidate = _PALLAS
+    signature = Signature.of(x, w, mask)
+    key = (candidate, signature)
+    with _lock:  # held through the check: two threads tracing at once check a configuration once
+        result = _decisions.get(key)
+        if result is None:
+            result = _in_fresh_thread(lambda: _agree_across_processes(check_candidate(candidate, signature)))
+            _decisions[key] = result
+            if not result.ok:
+                warnings.warn(
+                    f"certjax: the distance kernel {_name(candidate)} failed its check for "
+                    f"{signature.describe()}: {result.reason}. kernel='auto' uses the jnp path for this "
+                    "configuration (model.kernel=pallas would use the kernel anyway; =jnp skips the check).",
+                    KernelFallbackWarning,
+                    stacklevel=4,  # the model code calling lp_distance
+                )
+    return candidate if result.ok else None
+
+
+def check_candidate(candidate: Distance, signature: Signature, *, seed: int = 0) -> CheckResult:
+    """Compile `candidate` for `signature` and compare it with the jnp path on random inputs (module
+    docstring). Must run outside any trace (auto_distance runs it in a fresh thread). A failure of the jnp
+    path itself is raised: it is the fallback, nothing could be used instead."""
+    start = time.perf_counter()
+    inputs = _random_inputs(signature, seed)
+    try:
+        outputs = _collect(candidate, inputs)
+    except Exception as error:  # a Triton compile error, an XLA error at run time, a kernel bug raising
+        reason = f"{type(error).__name__}: {_first_line(error)}"
+        return CheckResult(signature, False, reason, {}, "", time.perf_counter() - start)
+    reference = _collect(jnp_distance, inputs)  # after: a candidate that fails to compile costs no more
+    errors, problems, worst = {}, [], None  # worst: (error / tolerance, name, error, tolerance)
+    for p, tolerance in TOLERANCES.items():
+        for name, expected in reference[p].items():
+            actual, label = outputs[p][name], f"p={p:g} {name}"
+            if actual.shape != expected.shape or actual.dtype != expected.dtype:
+                problems.append(
+                    f"{label} is {actual.dtype}{list(actual.shape)}, "
+                    f"not {expected.dtype}{list(expected.shape)}"
+                )
+                continue
+            errors[label] = _relative_error(actual, expected)
+            if worst is None or errors[label] / tolerance > worst[0]:
+                worst = (errors[label] / tolerance, label, errors[label], tolerance)
+    closest = ""
+    if worst is not None:
+        ratio, label, error, tolerance = worst
+        closest = f"{label} {error:.2g} (tolerance {tolerance:g})"
+        if ratio > 1:
+            problems.insert(
+                0,
+                f"{label} differs from the jnp path by {error:.3g} of its largest magnitude "
+                f"(tolerance {tolerance:g})",
+            )
+    seconds = time.perf_counter() - start
+    return CheckResult(signature, not problems, "; ".join(problems), errors, closest, seconds)
+
+
+def _random_inputs(signature: Signature, seed: int):
+    """x, w ~ N(0, 1), mask ~ Bernoulli(0.7) with one fully dropped row, g ~ N(0, 1): the same numbers in
+    every process. Placed on this process's first device."""
+    rng = np.random.default_rng(seed)
+    (batch, size), out = signature.x_shape, signature.w_shape[0]
+    x = rng.standard_normal((batch, size), np.float32).astype(jnp.dtype(signature.x_dtype))
+    w = rng.standard_normal((out, size), np.float32).astype(jnp.dtype(signature.w_dtype))
+    g = rng.standard_normal((batch, out), np.float32)
+    mask = None
+    if signature.mask_dtype is not None:
+        keep = rng.random((batch, size)) < 0.7
+        keep[0] = False  # y = 0 and no gradient: the kernels' special case
+        mask = keep.astype(jnp.dtype(signature.mask_dtype))
+    device = jax.local_devices()[0]
+    return jax.device_put((x, w, mask, g), device)
+
+
+def _collect(distance: Distance, inputs) -> dict[float, dict[str, np.ndarray]]:
+    """{p: {"y": ..., "grad_x": ...}} for each p of TOLERANCES: the plain forward, the forward of the
+    backward pass and both gradients of sum(g * y); one compilation (p is traced)."""
+    x, w, mask, g = inputs
+
+    @jax.jit
+    def run(x, w, mask, g, p):
+        def forward(x, w):
+            return distance(x, w, mask, p)
+
+        y, vjp = jax.vjp(forward, x, w)
+        grad_x, grad_w = vjp(g.astype(y.dtype))
+        return {"y": forward(x, w), "y (forward with arg-max)": y, "grad_x": grad_x, "grad_w": grad_w}
+
+    return {
+        p: {
+            name: np.asarray(value)
+            for name, value in jax.device_get(run(x, w, mask, g, np.float32(p))).items()
+        }
+        for p in TOLERANCES
+    }
+
+
+def _relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    """max |actual - expected| / max |expected| (1 if that is 0); inf where only one side is not finite."""
+    actual, expected = actual.astype(np.float64), expected.astype(np.float64)
+    same_nonfinite = (np.isnan(actual) & np.isnan(expected)) | (actual == expected)
+    difference = np.where(same_nonfinite, 0.0, np.abs(actual - expected))
+    if not np.all(np.isfinite(difference)):
+        return float("inf")
+    finite = expected[np.isfinite(expected)]
+    scale = float(np.max(np.abs(finite))) if finite.size else 0.0
+    return float(np.max(difference, initial=0.0)) / (scale or 1.0)
+
+
+def _agree_across_processes(result: CheckResult) -> CheckResult:
+    """All processes use the candidate only if it passed in every one (module docstring)."""
+    if jax.process_count() == 1:
+        return result
+    from jax.experimental import multihost_utils
+
+    passed = np.asarray(multihost_utils.process_allgather(np.int32(result.ok)))
+    if result.ok and not passed.all():
+        failed = [int(i) for i in np.flatnonzero(passed == 0)]
+        reason = f"it failed on process(es) {failed} (their warnings say why) and every process must agree"
+        return dataclasses.replace(result, ok=False, reason=reason)
+    return result
+
+
+def _in_fresh_thread(fn):
+    """fn() in a new thread (no trace is active there: JAX's trace state is thread-local); returns its
+    result or raises its error."""
+    outcome = {}
+
+    def target():
+        try:
+            outcome["value"] = fn()
+        except BaseException as error:  # re-raised in the caller's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, name="certjax-kernel-check", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _name(candidate: Distance) -> str:
+    if candidate is _PALLAS:
+        return "Pallas (Triton)"
+    return getattr(candidate, "__name__", None) or repr(candidate)
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    text = str(error).strip().splitlines()
+    line = text[0] if text else "(no message)"
+    return line if len(line) <= limit else line[:limit] + " ..."
