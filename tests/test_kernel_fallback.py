@@ -201,17 +201,59 @@ def test_pallas_fails_loudly():
     assert verify.decisions() == {}
 
 
-def test_processes_use_the_candidate_only_if_it_passed_everywhere(monkeypatch):
-    from jax.experimental import multihost_utils
+# One of two cooperating processes: a candidate that fails on process 1 only, used inside jit(grad(...)).
+_TWO_PROCESSES = """
+import sys, warnings
+import jax, jax.numpy as jnp, numpy as np
+jax.distributed.initialize(f"127.0.0.1:{sys.argv[2]}", num_processes=2, process_id=int(sys.argv[1]))
+from certjax.kernels import verify
+from certjax.kernels.linf_dist import lp_distance
 
-    signature = verify.Signature.of(*_data(masked=False)[:2])
-    passed = verify.CheckResult(signature, True, "", {"p=inf y": 0.0}, "p=inf y 0 (tolerance 1e-05)", 0.1)
-    monkeypatch.setattr(jax, "process_count", lambda: 3)
-    monkeypatch.setattr(multihost_utils, "process_allgather", lambda ok: np.array([1, 0, 1]))
-    combined = verify._agree_across_processes(passed)
-    assert not combined.ok and "process(es) [1]" in combined.reason
-    monkeypatch.setattr(multihost_utils, "process_allgather", lambda ok: np.array([1, 1, 1]))
-    assert verify._agree_across_processes(passed).ok
+def candidate(x, w, mask, p):
+    if jax.process_index() == 1:
+        raise RuntimeError("injected failure on process 1")
+    return verify.jnp_distance(x, w, mask, p)
+
+with verify.candidate_for_auto(candidate), warnings.catch_warnings(record=True) as record:
+    warnings.simplefilter("always")
+    loss = lambda x, w: jnp.sum(lp_distance(x, w, jnp.float32(8.0)))
+    x, w = np.ones((4, 8), np.float32), np.zeros((3, 8), np.float32)
+    jax.block_until_ready(jax.jit(jax.grad(loss, (0, 1)))(x, w))
+print("WARNINGS", [str(r.message) for r in record if r.category is verify.KernelFallbackWarning])
+print("USED", [r.ok for r in verify.decisions().values()])
+"""
+
+
+def test_processes_use_the_candidate_only_if_it_passed_in_every_one():
+    """Two processes (CPU, jax.distributed): the candidate fails on process 1 only, and both use jnp."""
+    import socket
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, launch_env
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-c", _TWO_PROCESSES]
+    processes = [
+        subprocess.Popen(
+            [*command, str(i), str(port)],
+            cwd=REPO,
+            env=launch_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [process.communicate(timeout=120) for process in processes]
+    for process, (_, stderr) in zip(processes, outputs):
+        assert process.returncode == 0, stderr[-3000:]
+    (first, _), (second, _) = outputs
+    assert "USED [False]" in first and "USED [False]" in second
+    assert "it failed on process(es) [1]" in first and "4 x 8 x 3" in first
+    assert "RuntimeError: injected failure on process 1" in second
 
 
 def test_unknown_kernel_name_is_refused():

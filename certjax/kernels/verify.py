@@ -188,7 +188,7 @@ def auto_distance(x, w, mask=None) -> Distance | None:
     with _lock:  # held through the check: two threads tracing at once check a configuration once
         result = _decisions.get(key)
         if result is None:
-            result = _in_fresh_thread(lambda: _agree_across_processes(check_candidate(candidate, signature)))
+            result = _in_fresh_thread(lambda: _decide(candidate, signature))
             _decisions[key] = result
             if not result.ok:
                 warnings.warn(
@@ -290,6 +290,20 @@ def _relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
     finite = expected[np.isfinite(expected)]
     scale = float(np.max(np.abs(finite))) if finite.size else 0.0
     return float(np.max(difference, initial=0.0)) / (scale or 1.0)
+
+
+def _decide(candidate: Distance, signature: Signature) -> CheckResult:
+    """check_candidate, then the verdict all processes share. A process whose check raised (the jnp path
+    failed) still takes part in the all-gather, as a failure, before raising: the others do not wait."""
+    try:
+        result, error = check_candidate(candidate, signature), None
+    except Exception as raised:
+        reason = f"the check itself failed: {type(raised).__name__}: {_first_line(raised)}"
+        result, error = CheckResult(signature, False, reason, {}, "", 0.0), raised
+    result = _agree_across_processes(result)
+    if error is not None:
+        raise error
+    return result
 
 
 def _agree_across_processes(result: CheckResult) -> CheckResult:
