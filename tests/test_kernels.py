@@ -3,10 +3,9 @@
 `KernelTest` runs the kernels for real and needs a GPU; `KernelInterpretTest` runs the same assertions with
 Pallas' interpret mode on any backend (CPU here). Shapes are small, some multiples of the tiles and some not
 (padding and masking), for p in {1, 2, 8, 100, inf}; one jitted function per shape serves every p (p is
-traced). The lowering test exports the kernels for CUDA from this machine.
+traced). The lowering tests export the kernels, and the l_inf-dist Net's and SortNet's whole train steps with
+kernel=pallas, for CUDA from this machine.
 """
-
-import unittest
 
 import jax
 import jax.numpy as jnp
@@ -202,16 +201,19 @@ class KernelInterpretTest(KernelTest):
     INTERPRET = True
 
 
-class LoweringTest(unittest.TestCase):
+class LoweringTest(parameterized.TestCase):
+    def setUp(self):
+        super().setUp()
+        try:
+            from jax._src.pallas.triton import pallas_call_registration  # noqa: F401
+        except ImportError as error:  # a jaxlib without the Triton lowering
+            self.skipTest(f"the Pallas Triton lowering is not importable here: {error}")
+
     def test_kernels_lower_for_cuda_with_triton(self):
         """Forward and backward (l_inf and l_p, plain and masked) export for CUDA from a CPU-only machine.
 
         Lowering builds the Triton IR of every kernel; only a GPU shows that it compiles (PTX) and runs.
         """
-        try:
-            from jax._src.pallas.triton import pallas_call_registration  # noqa: F401
-        except ImportError as error:  # a jaxlib without the Triton lowering
-            self.skipTest(f"the Pallas Triton lowering is not importable here: {error}")
         shape = dict(x=(100, 300), w=(200, 300), g=(100, 200))
         args = {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in shape.items()}
         p = jax.ShapeDtypeStruct((), jnp.float32)
@@ -231,3 +233,28 @@ class LoweringTest(unittest.TestCase):
         # plain forward: l_inf + l_p (both cond branches); masked: l_inf with arg-max, l_p, grad_x, grad_w
         self.assertEqual(module.count("stablehlo.custom_call @__gpu$xla.gpu.triton("), 6)
         self.assertEqual(exported.platforms, ("cuda",))
+
+    @parameterized.named_parameters(("linf_dist", "linf_dist"), ("sortnet", "sortnet"))
+    def test_train_step_with_pallas_lowers_for_cuda(self, family):
+        """The whole Experiment train step (augmentation, model, loss, optimiser) with kernel=pallas exports
+        for CUDA: a depth-3 net has 3 x (l_inf forward with arg-max, l_p forward) + 3 l_p grad_w + 2 l_p
+        grad_x kernels (the images need no gradient). SortNet's dropout layers use the masked kernels."""
+        import importlib
+
+        from certjax import schedules
+        from certjax.train import Experiment
+
+        config = importlib.import_module(f"configs.{family}").get_config("demo")
+        config.model.depth, config.model.width, config.model.kernel = 3, 16, "pallas"
+        exp = Experiment(config, need_train_data=False)
+        batch = {
+            "image": jax.ShapeDtypeStruct((64, 32, 32, 3), jnp.uint8),
+            "label": jax.ShapeDtypeStruct((64,), jnp.int32),
+        }
+        schedule = {k: jax.ShapeDtypeStruct((), jnp.float32) for k in schedules.schedule_values(config, 0, 1)}
+        exported = jax.export.export(
+            jax.jit(exp._train_step),
+            platforms=["cuda"],
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+        )(exp.abstract_state(), batch, schedule)
+        self.assertEqual(exported.mlir_module().count("stablehlo.custom_call @__gpu$xla.gpu.triton("), 11)
