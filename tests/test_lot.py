@@ -340,3 +340,143 @@ def test_launch_trains_and_evaluates_lot_with_measured_and_assumed_bounds(tmp_pa
     assert 0.0 <= record["certified_accuracy_assumed"] <= record["clean_accuracy"]
     radii = np.load(record["radii_path"])
     assert np.all(radii["radius"][radii["certified"]] > record["eps"])
+
+
+# ------------------------------------------------------ the previous implementation (before the CPU speed-up)
+#
+# Kept verbatim as the reference of the fast path (certjax/models/lot.py: real arithmetic, independent rfft2
+# bins only, DFT of the kernel as a matmul, channels-first FFTs): the same math, so only float32 rounding may
+# differ. Through 10 Newton-Schulz iterations on well-conditioned blocks (sigma(W(f))^2 >> 1e-4) that stays
+# ~1e-6 relative; rtol 1e-4 / atol 1e-5 (on values and gradients of order 1-10) leaves room for other BLAS
+# orders while catching any change of the math (a missing bin, a wrong sign or conjugate, one iteration more
+# or less moves W' by >= 1e-3).
+
+
+def _reference_newton_schulz_inverse_sqrt(s, iterations=lot.NEWTON_SCHULZ_ITERATIONS):
+    eye = jnp.eye(s.shape[-1], dtype=s.dtype)
+
+    def step(_, yz):
+        y, z = yz
+        t = 0.5 * (3.0 * eye - jnp.matmul(z, y, precision="highest"))
+        return jnp.matmul(y, t, precision="highest"), jnp.matmul(t, z, precision="highest")
+
+    _, z = jax.lax.fori_loop(0, iterations, step, (s, jnp.broadcast_to(eye, s.shape)))
+    return z
+
+
+def _reference_orthogonalize(w, iterations=lot.NEWTON_SCHULZ_ITERATIONS):
+    w_h = jnp.conj(jnp.swapaxes(w, -1, -2))
+    cout, cin = w.shape[-2:]
+    rows = cout <= cin
+    gram = jnp.matmul(w, w_h, precision="highest") if rows else jnp.matmul(w_h, w, precision="highest")
+    gram = gram + lot.GRAM_REGULARISER * jnp.eye(gram.shape[-1], dtype=gram.dtype)
+    norm = jnp.sqrt(jnp.sum(jnp.abs(gram) ** 2, axis=(-2, -1), keepdims=True)) + lot.GRAM_REGULARISER
+    z = _reference_newton_schulz_inverse_sqrt(gram / norm, iterations)
+    product = jnp.matmul(z, w, precision="highest") if rows else jnp.matmul(w, z, precision="highest")
+    return product / jnp.sqrt(norm)
+
+
+def _reference_frequency_weights(kernel, n):
+    k = kernel.shape[0]
+    grid = jnp.zeros((n, n) + kernel.shape[2:], kernel.dtype).at[:k, :k].set(kernel)
+    grid = jnp.roll(grid, (-(k // 2), -(k // 2)), axis=(0, 1))
+    return jnp.swapaxes(jnp.conj(jnp.fft.rfft2(grid, axes=(0, 1))), -1, -2)
+
+
+def _reference_orthogonal_frequency_weights(kernel, n, iterations=lot.NEWTON_SCHULZ_ITERATIONS):
+    return _reference_orthogonalize(_reference_frequency_weights(kernel, n), iterations)
+
+
+def _reference_fft_conv(x, w, pad):
+    side = x.shape[1]
+    n = side + 2 * pad
+    padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    out = jnp.einsum("hwoi,bhwi->bhwo", w, jnp.fft.rfft2(padded, axes=(1, 2)), precision="highest")
+    return jnp.fft.irfft2(out, s=(n, n), axes=(1, 2))[:, pad : pad + side, pad : pad + side, :]
+
+
+@pytest.fixture
+def reference_lot(monkeypatch):
+    """Switch certjax's LOT layers to the previous implementation (and forget jitted collections)."""
+    from certjax.models import layers
+
+    def use():
+        monkeypatch.setattr(lot, "orthogonal_frequency_weights", _reference_orthogonal_frequency_weights)
+        monkeypatch.setattr(lot, "fft_conv", _reference_fft_conv)
+        monkeypatch.setattr(layers, "_COLLECTION_FUNCTIONS", {})
+
+    return use
+
+
+def _values_and_gradients(model, variables, x):
+    def loss(params, x):
+        out = model.apply({"params": params}, x)
+        out = out[0] if isinstance(out, tuple) else out
+        probe = jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape)
+        return jnp.sum(probe * out), out
+
+    # jitted: op by op, the unrolled Newton-Schulz would compile hundreds of tiny programs
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(variables["params"], x)
+    return jax.tree.map(np.asarray, (out, grads))
+
+
+def _assert_trees_close(fast, reference, rtol=1e-4, atol=1e-5):
+    for path, (a, b) in zip(
+        jax.tree_util.tree_flatten_with_path(fast)[0],
+        zip(jax.tree.leaves(fast), jax.tree.leaves(reference), strict=True),
+        strict=True,
+    ):
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path[0]))
+
+
+@pytest.mark.parametrize("case", ["square", "wide", "tall", "stride2"])
+def test_fast_layer_matches_the_previous_implementation(case, reference_lot):
+    """Outputs and gradients w.r.t. kernel, bias and input (wide: cout < cin, tall: cout > cin)."""
+    layer, variables, x, _ = _layer(case)
+    variables["params"]["bias"] = 0.1 * jnp.cos(
+        jnp.arange(variables["params"]["bias"].size, dtype=jnp.float32)
+    )
+    fast = _values_and_gradients(layer, variables, x)
+    reference_lot()
+    _assert_trees_close(fast, _values_and_gradients(layer, variables, x))
+
+
+def test_fast_lipconvnet_matches_the_previous_implementation(reference_lot):
+    model, variables = _tiny_net(noise=0.05)
+    x = jax.random.normal(jax.random.key(7), (2, 32, 32, 3))
+    fast = _values_and_gradients(model, variables, x)
+    reference_lot()
+    reference = _values_and_gradients(model, variables, x)
+    # through 11 layers and MaxMin the rounding of small entries grows: 1e-4 of each leaf's largest entry
+    for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(reference), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.max(np.abs(b)))
+
+
+def test_fast_path_certifies_as_the_previous_implementation(reference_lot):
+    """certificate_bounds (cached W', measured bounds) + evaluation with the rounding allowance: the same
+    predictions and certified flags on 256 points, bounds within rounding."""
+    model, variables = _tiny_net(noise=0.05)
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(256, 32, 32, 3)), jnp.float32)
+
+    def certify(eps=None):
+        bounds = lot.certificate_bounds(model, variables)
+        (logits, _), aux = model.apply({**variables, **bounds["variables"]}, x, mutable=["rounding"])
+        error = sum(jax.tree.leaves(aux["rounding"]))
+        labels = jnp.argmax(logits, axis=1)  # the predictions as labels: certification is then not vacuous
+        pair = bounds["pair_lipschitz"]
+        if eps is None:  # the median certified radius: about half the points certify
+            eps = float(
+                np.median(np.asarray(l2_certify(logits, labels, 0.0, (1.0,) * 3, error, pair)["radius"]))
+            )
+        out = l2_certify(logits, labels, eps, (1.0,) * 3, error, pair)
+        return bounds, np.asarray(logits), np.asarray(out["certified"]), eps
+
+    fast_bounds, fast_logits, fast_certified, eps = certify()
+    reference_lot()
+    ref_bounds, ref_logits, ref_certified, _ = certify(eps)
+    assert 0 < fast_certified.sum() < len(fast_certified)
+    np.testing.assert_array_equal(fast_logits.argmax(1), ref_logits.argmax(1))
+    np.testing.assert_allclose(fast_logits, ref_logits, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(fast_bounds["pair_lipschitz"], ref_bounds["pair_lipschitz"], rtol=1e-5)
+    np.testing.assert_array_equal(fast_certified, ref_certified)
