@@ -64,6 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from certjax.certify import pair_lipschitz_matrix, pairwise_row_distances, round_up_float32_array
+from certjax.kernels.conv import conv2d
 from certjax.models.layers import (
     NormalizedLinear,
     computed_collection,
@@ -87,8 +88,14 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 # ------------------------------------------------------------------------------------------- linear maps
 
 
-def conv(x, kernel, stride: int, padding: int, precision=None):
-    """NHWC x HWIO cross-correlation with symmetric zero padding (PyTorch's Conv2d)."""
+def conv(x, kernel, stride: int, padding: int, precision=None, fast_gradient: bool = False):
+    """NHWC x HWIO cross-correlation with symmetric zero padding (PyTorch's Conv2d).
+
+    fast_gradient (the training forward): the same convolution whose kernel gradient is computed by chunked
+    im2col GEMMs on CPU (certjax/kernels/conv.py, ~3x XLA:CPU's own; reverse mode only). Otherwise XLA's
+    convolution, which forward-mode autodiff (the tests' exact Jacobians) can also differentiate."""
+    if fast_gradient:
+        return conv2d(x, kernel, stride, padding, precision)
     return jax.lax.conv_general_dilated(
         x,
         kernel,
@@ -99,7 +106,8 @@ def conv(x, kernel, stride: int, padding: int, precision=None):
     )
 
 
-def dense(x, kernel, precision=None):
+def dense(x, kernel, precision=None, fast_gradient: bool = False):
+    del fast_gradient  # XLA's matmul gradients are GEMMs already
     return jnp.matmul(x, kernel, precision=precision)
 
 
@@ -153,7 +161,7 @@ def _lipschitz_layer(module: nn.Module, x, kernel, bias, linear, *, reuse: int, 
         module.put_variable(FROZEN, "kernel", kernel)
     kernel, bias = kernel.astype(x.dtype), bias.astype(x.dtype)
     precision = None if train else _HIGHEST  # evaluation in full precision on GPUs too (no TF32)
-    y = linear(x, kernel, precision) + bias
+    y = linear(x, kernel, precision, train) + bias
 
     shape = (1,) + x.shape[1:]
     if module.is_initializing() or module.has_variable(POWER, "u"):
@@ -202,8 +210,8 @@ class LipschitzConv(nn.Module):
         kernel = self.param("kernel", nn.initializers.orthogonal(), (k, k, cin, self.features))
         bias = self.param("bias", _torch_uniform(cin * k * k), (self.features,))
 
-        def linear(v, w, precision):
-            return conv(v, w, self.stride, self.padding, precision)
+        def linear(v, w, precision, fast_gradient=False):
+            return conv(v, w, self.stride, self.padding, precision, fast_gradient)
 
         return _lipschitz_layer(
             self, x, kernel, bias, linear, reuse=-(-k // self.stride), train=train, iterations=self.iterations
@@ -231,8 +239,8 @@ class LinearResidualConv(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (width,))
         kernel = dirac_kernel(width) + weight * affine * (self.depth**-0.5)
 
-        def linear(v, w, precision):
-            return conv(v, w, 1, 1, precision)
+        def linear(v, w, precision, fast_gradient=False):
+            return conv(v, w, 1, 1, precision, fast_gradient)
 
         return _lipschitz_layer(
             self, x, kernel, bias, linear, reuse=3, train=train, iterations=self.iterations
