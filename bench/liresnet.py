@@ -1,7 +1,10 @@
-"""LiResNet (GloroNet) training-step cost on this machine, split into the network's forward + backward and the
-power iteration, measured side by side in one run (XS = L6W128 at batch 256 by default).
+"""LiResNet (GloroNet) training-step cost on this machine, split into phases measured side by side in one run
+(XS = L6W128 at batch 256 by default).
 
-  "step"  : gradient of the EMMA loss w.r.t. the parameters with 10 warm-started power iterations per layer
+  "train step": certjax's own jitted training step (Experiment.train_step of configs/liresnet.py at this
+            size: augmentation, forward, EMMA loss, backward, gradient clipping 3, AdamW), the figure to set
+            against ../shared/bench-originals/liresnet_speed.py;
+  "gradient": gradient of the EMMA loss w.r.t. the parameters with 10 warm-started power iterations per layer
             (what Experiment.train_step computes, without the optimiser update and augmentation);
   "fwd+bwd": the same with 0 power iterations (the estimate sigma = ||A u|| from the stored vectors only);
   "power" : the power iteration alone: 10 iterations per layer on the layer's true input shape, the estimates
@@ -18,10 +21,11 @@ import argparse
 import jax
 import jax.numpy as jnp
 import numpy as np
-from timing import timed
+from timing import time_train_steps, timed, train_step_timer
 
 from certjax.losses import emma
 from certjax.models import liresnet
+from configs.liresnet import get_config
 
 
 def loss_gradient(model):
@@ -56,6 +60,39 @@ def power_only(model):
     return jax.jit(jax.grad(product))
 
 
+def conv_phases(model, variables, images, *, repeats: int, xla_kernel_gradient: bool = False):
+    """Seconds of every conv layer's forward, input gradient and kernel gradient at its training shape
+    (stem, blocks, neck), each phase jitted alone on random inputs and cotangents."""
+    _, frozen = model.apply(variables, images[:1], mutable=[liresnet.FROZEN])
+    shapes = {"stem": images.shape}
+    for name in liresnet.layer_geometry(model):
+        if name.startswith("block"):
+            shapes[name] = (images.shape[0], images.shape[1] // 2, images.shape[2] // 2, model.width)
+        elif name == "neck_conv":
+            shapes[name] = (images.shape[0], images.shape[1] // 2, images.shape[2] // 2, model.width)
+    key = jax.random.key(1)
+    totals = {"forwards": 0.0, "input gradients": 0.0, "kernel gradients": 0.0}
+    for name, shape in shapes.items():
+        kernel = frozen[liresnet.FROZEN][name]["kernel"]
+        size, stride, padding = liresnet.layer_geometry(model)[name]
+        inputs = jax.random.normal(key, shape)
+
+        def forward(x, k, s=stride, p=padding):
+            return liresnet.conv(x, k, s, p)
+
+        g = jax.random.normal(key, jax.eval_shape(forward, inputs, kernel).shape)
+        totals["forwards"] += timed(jax.jit(forward), inputs, kernel, repeats=repeats)
+        if name != "stem":  # the images need no gradient
+            input_grad = jax.jit(lambda x, k, g, f=forward: jax.vjp(lambda a: f(a, k), x)[1](g)[0])
+            totals["input gradients"] += timed(input_grad, inputs, kernel, g, repeats=repeats)
+
+        def kernel_grad(x, k, g, s=stride, p=padding, fast=not xla_kernel_gradient):
+            return jax.vjp(lambda w: liresnet.conv(x, w, s, p, fast_gradient=fast), k)[1](g)[0]
+
+        totals["kernel gradients"] += timed(jax.jit(kernel_grad), inputs, kernel, g, repeats=repeats)
+    return totals
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--size", default="XS", choices=sorted(liresnet.SIZES))
@@ -88,12 +125,29 @@ def main() -> None:
     kernels = {name: value["kernel"] for name, value in frozen[liresnet.FROZEN].items()}
     vectors = {name: value["u"] for name, value in state[liresnet.POWER].items()}
     t_power = timed(power_only(model), kernels, vectors, repeats=args.repeats)
-    print(f"step (fwd+bwd with power iteration): {t_step:8.3f} s  ({args.batch / t_step:8.1f} img/s)")
+    t_convs = conv_phases(model, variables, images, repeats=args.repeats)
+    t_convs_xla = conv_phases(model, variables, images, repeats=args.repeats, xla_kernel_gradient=True)[
+        "kernel gradients"
+    ]
+    config = get_config(args.size)
+    config.model.depth, config.model.width = depth, width
+    config.model.power_iterations = args.iterations
+    t_train = time_train_steps(*train_step_timer(config, args.batch), repeats=args.repeats)
+    print(f"train step (Experiment.train_step):  {t_train:8.3f} s  ({args.batch / t_train:8.1f} img/s)")
+    print(f"gradient (fwd+bwd with power iter.): {t_step:8.3f} s  ({args.batch / t_step:8.1f} img/s)")
     print(f"fwd+bwd without power iteration:     {t_plain:8.3f} s  ({args.batch / t_plain:8.1f} img/s)")
     print(
-        f"power iteration alone:               {t_power:8.3f} s  = {100 * t_power / t_step:5.1f} % of the "
-        f"step (step - fwd+bwd: {t_step - t_plain:+.3f} s)"
+        f"power iteration alone:               {t_power:8.3f} s  = {100 * t_power / t_train:5.1f} % of the "
+        f"train step (gradient - fwd+bwd: {t_step - t_plain:+.3f} s)"
     )
+    convs = sum(t_convs.values())
+    for phase, seconds in t_convs.items():
+        print(f"  {phase:<34} {seconds:8.3f} s  = {100 * seconds / t_train:5.1f} % of the train step")
+    print(
+        f"convolutions (all layers, 3 phases): {convs:8.3f} s  = {100 * convs / t_train:5.1f} %; the rest "
+        f"(MinMax, bias, loss, power iteration, optimiser, augmentation): {t_train - convs:.3f} s"
+    )
+    print(f"  (XLA's own kernel gradient instead of the chunked one: {t_convs_xla:.3f} s)")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,13 @@
 """Wall-clock timing shared by the benches (run as `python bench/<script>.py`: this file is importable)."""
 
+import sys
 import time
+from pathlib import Path
 
 import jax
+
+# `python bench/<script>.py` puts bench/ first on sys.path, not the repository: configs/ lives there.
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 
 def timed(fn, *args, repeats: int) -> float:
@@ -11,4 +16,40 @@ def timed(fn, *args, repeats: int) -> float:
     start = time.perf_counter()
     for _ in range(repeats):
         jax.block_until_ready(fn(*args))
+    return (time.perf_counter() - start) / repeats
+
+
+def train_step_timer(config, batch_size: int):
+    """(step, state, batch, schedule) for certjax's own jitted training step (Experiment.train_step:
+    augmentation, forward, loss, backward, optimiser) on random uint8 images; the embedded demo test split
+    only gives Experiment its class count (no dataset is read for training)."""
+    import numpy as np
+
+    from certjax import schedules
+    from certjax.train import Experiment
+
+    config.data.real = "demo"
+    config.train.batch_size = batch_size
+    experiment = Experiment(config, need_train_data=False)
+    rng = np.random.default_rng(0)
+    batch = experiment.global_batch(
+        {
+            "image": rng.integers(0, 256, (batch_size, 32, 32, 3), dtype=np.uint8),
+            "label": rng.integers(0, experiment.num_classes, (batch_size,), dtype=np.int32),
+        }
+    )
+    total = experiment.total_steps
+    values = schedules.schedule_values(config, total // 2, total)
+    schedule = {name: np.float32(value) for name, value in values.items()}
+    return experiment.train_step, experiment.init_state(), batch, schedule
+
+
+def time_train_steps(step, state, batch, schedule, repeats: int) -> float:
+    """Mean seconds per training step (back to back, as in training), after one step that compiles."""
+    state, _ = step(state, batch, schedule)
+    jax.block_until_ready(state)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        state, _ = step(state, batch, schedule)
+    jax.block_until_ready(state)
     return (time.perf_counter() - start) / repeats
