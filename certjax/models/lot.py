@@ -31,7 +31,6 @@ product 1.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import einops
@@ -69,6 +68,15 @@ def space_to_depth(x, block: int = 2):
     return einops.rearrange(x, "b (h k1) (w k2) c -> b h w (c k1 k2)", k1=block, k2=block)
 
 
+def frequency_weights(kernel, n: int):
+    """kernel [k, k, cin, cout] -> W(f) [n, n//2 + 1, cout, cin] (complex64) of the circular
+    cross-correlation z[p] = sum_d kernel[d] x[p + d - k//2] on the n x n grid: Z(f) = W(f) X(f)."""
+    k = kernel.shape[0]
+    grid = jnp.zeros((n, n) + kernel.shape[2:], kernel.dtype).at[:k, :k].set(kernel)
+    grid = jnp.roll(grid, (-(k // 2), -(k // 2)), axis=(0, 1))  # kernel centre at offset 0
+    return jnp.swapaxes(jnp.conj(jnp.fft.rfft2(grid, axes=(0, 1))), -1, -2)
+
+
 def _hermitian(a):
     return jnp.conj(jnp.swapaxes(a, -1, -2))
 
@@ -86,208 +94,20 @@ def newton_schulz_inverse_sqrt(s, iterations: int = NEWTON_SCHULZ_ITERATIONS):
     return z
 
 
-def frequency_weights(kernel, n: int):
-    """kernel [k, k, cin, cout] -> W(f) [n, n//2 + 1, cout, cin] (complex64) of the circular
-    cross-correlation z[p] = sum_d kernel[d] x[p + d - k//2] on the n x n grid: Z(f) = W(f) X(f)."""
-    k = kernel.shape[0]
-    grid = jnp.zeros((n, n) + kernel.shape[2:], kernel.dtype).at[:k, :k].set(kernel)
-    grid = jnp.roll(grid, (-(k // 2), -(k // 2)), axis=(0, 1))  # kernel centre at offset 0
-    return jnp.swapaxes(jnp.conj(jnp.fft.rfft2(grid, axes=(0, 1))), -1, -2)
-
-
-# ---------------------------------------------------------------- complex matrices as real ones (fast path)
-#
-# XLA:CPU multiplies small batched complex matrices slowly (~15-60 GFLOP/s here) and real ones 2-3x faster.
-# A complex [m, k] matrix A = Ar + i Ai is carried as its column form col(A) = [Ar; Ai] ([2m, k], real) and
-# multiplied through its real embedding emb(A) = [[Ar, -Ai], [Ai, Ar]]: emb(A) col(B) = col(AB), the same
-# 4 m k n real multiply-adds as the complex product, in one real matmul. A real matrix is its own column form
-# and embedding, so the same code runs the real blocks at a quarter of the cost.
-
-
-def _embed(a, is_complex: bool):
-    if not is_complex:
-        return a
-    re, im = jnp.split(a, 2, axis=-2)
-    return jnp.concatenate([jnp.concatenate([re, -im], -1), jnp.concatenate([im, re], -1)], -2)
-
-
-def _col_hermitian(a, is_complex: bool):
-    """col(A) -> col(A^H)."""
-    if not is_complex:
-        return jnp.swapaxes(a, -1, -2)
-    re, im = jnp.split(a, 2, axis=-2)
-    return jnp.concatenate([jnp.swapaxes(re, -1, -2), -jnp.swapaxes(im, -1, -2)], -2)
-
-
-def _matmul(a, b):
-    return jnp.matmul(a, b, precision=_HIGHEST)
-
-
-def _small_matmul(a, b):
-    """a @ b; for a contraction of <= 8 (3-channel layers) as a fused broadcast-and-sum, which beats
-    hundreds of tiny batched dots on XLA:CPU."""
-    if a.shape[-1] <= 8:
-        return jnp.sum(a[..., :, :, None] * b[..., None, :, :], axis=-2)
-    return _matmul(a, b)
-
-
-def _embedded_matmul(a, b, is_complex: bool):
-    """emb(A) col(B) = col(AB). Blocks up to 32 wide take the hand-written backward below (measured faster
-    here), larger ones plain autodiff (its transposed dots are as fast there)."""
-    if a.shape[-1] <= 32:
-        return _embedded_matmul_small(a, b, is_complex)
-    return _matmul(_embed(a, is_complex), b)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _embedded_matmul_small(a, b, is_complex: bool):
-    """emb(A) col(B), with the backward autodiff would give written out so that XLA:CPU runs plain row-major
-    dots (its transposed-operand dots A^T G ran ~1.5x slower on small blocks here)."""
-    return _small_matmul(_embed(a, is_complex), b)
-
-
-def _embedded_matmul_fwd(a, b, is_complex):
-    return _embedded_matmul_small(a, b, is_complex), (a, b)
-
-
-def _embedded_matmul_bwd(is_complex, residuals, g):
-    a, b = residuals
-    e = _small_matmul(g, jnp.swapaxes(b, -1, -2))  # d emb(A) = G col(B)^T
-    if is_complex:  # fold onto col(A): d Ar = E11 + E22, d Ai = E21 - E12
-        (e11, e12), (e21, e22) = (jnp.split(half, 2, axis=-1) for half in jnp.split(e, 2, axis=-2))
-        e = jnp.concatenate([e11 + e22, e21 - e12], -2)
-    # d col(B) = emb(A)^T G = emb(A^H) G, with emb(A^H) made row-major (no transposed dot)
-    a_h = jax.lax.optimization_barrier(_col_hermitian(a, is_complex))
-    return e, _embedded_matmul_small(a_h, g, is_complex)
-
-
-_embedded_matmul_small.defvjp(_embedded_matmul_fwd, _embedded_matmul_bwd)
-
-
-def _col_eye(m: int, is_complex: bool, dtype):
-    eye = jnp.eye(m, dtype=dtype)
-    return jnp.concatenate([eye, jnp.zeros_like(eye)], 0) if is_complex else eye
-
-
-def _newton_schulz_col(s, is_complex: bool, iterations: int):
-    """newton_schulz_inverse_sqrt on col(S) -> col(Z). The same iteration with Z_0 = I taken exactly (the
-    first step's products with I skipped) and Y_{k+1} = T Y (= Y T: both are polynomials in S) stacked with
-    Z_{k+1} = T Z into one matmul; the last Y is not formed."""
-    m = s.shape[-1]
-    eye = _col_eye(m, is_complex, s.dtype)
-    if iterations == 0:
-        return jnp.broadcast_to(eye, s.shape)
-    t = 1.5 * eye - 0.5 * s  # Z_0 Y_0 = S
-    if iterations == 1:
-        return t
-    y, z = _embedded_matmul(t, s, is_complex), t  # Y_1 = T S, Z_1 = T I
-    for step in range(2, iterations + 1):
-        t = 1.5 * eye - 0.5 * _embedded_matmul(z, y, is_complex)
-        if step == iterations:
-            return _embedded_matmul(t, z, is_complex)
-        y, z = jnp.split(_embedded_matmul(t, jnp.concatenate([y, z], -1), is_complex), 2, axis=-1)
-    raise AssertionError("unreachable")
-
-
-def _orthogonalize_col(w, is_complex: bool, iterations: int):
-    """orthogonalize on col(W) [..., (2) cout, cin] -> col(W'), in real arithmetic."""
-    cin = w.shape[-1]
-    cout = w.shape[-2] // 2 if is_complex else w.shape[-2]
-    rows = cout <= cin
-    w_h = _col_hermitian(w, is_complex)
-    gram = _embedded_matmul(w, w_h, is_complex) if rows else _embedded_matmul(w_h, w, is_complex)
-    gram = gram + GRAM_REGULARISER * _col_eye(gram.shape[-1], is_complex, gram.dtype)
-    norm = jnp.sqrt(jnp.sum(gram**2, axis=(-2, -1), keepdims=True)) + GRAM_REGULARISER
-    z = _newton_schulz_col(gram / norm, is_complex, iterations)
-    product = _embedded_matmul(z, w, is_complex) if rows else _embedded_matmul(w, z, is_complex)
-    return product / jnp.sqrt(norm)
-
-
 def orthogonalize(w, iterations: int = NEWTON_SCHULZ_ITERATIONS):
-    """LOT's orthogonalisation of each [cout, cin] block of w (see the module docstring), complex in and out,
-    computed in real arithmetic (see _embed)."""
-    cout = w.shape[-2]
-    col = jnp.concatenate([jnp.real(w), jnp.imag(w)], -2)
-    out = _orthogonalize_col(col, True, iterations)
-    return jax.lax.complex(out[..., :cout, :], out[..., cout:, :])
-
-
-def _independent_bins(n: int):
-    """The rfft2 bins (u, v) of an n x n grid that LOT has to orthogonalise: W(-f) = conj(W(f)) for a real
-    kernel, so in the columns v = 0 and v = n/2 (n even) only rows u <= n/2 are needed, and the bins with
-    u, v in {0, n/2} are real. Returns (complex bins, real bins, mirrored bins with their source index among
-    the complex ones)."""
-    paired_columns = [0] + ([n // 2] if n % 2 == 0 and n > 1 else [])
-    real_rows = [0] + ([n // 2] if n % 2 == 0 and n > 1 else [])
-    complex_bins = [(u, v) for v in range(1, n // 2 + 1) if v not in paired_columns for u in range(n)]
-    complex_bins += [(u, v) for v in paired_columns for u in range(1, (n + 1) // 2)]
-    real_bins = [(u, v) for v in paired_columns for u in real_rows]
-    mirrored = [
-        ((n - u) % n, v, complex_bins.index((u, v))) for v in paired_columns for u in range(1, (n + 1) // 2)
-    ]
-    return complex_bins, real_bins, mirrored
-
-
-def _dft_basis(bins, n: int, k: int):
-    """[len(bins), k * k] cos and sin of 2 pi f . (d - k//2) / n (float64, at trace time): W(f) = sum_d
-    kernel[d]^T exp(+2 pi i f . (d - k//2) / n), the conjugated rfft2 of frequency_weights."""
-    d = np.arange(k) - k // 2
-    u = np.array([b[0] for b in bins], np.float64)[:, None, None]
-    v = np.array([b[1] for b in bins], np.float64)[:, None, None]
-    angle = 2.0 * np.pi * (u * d[None, :, None] + v * d[None, None, :]) / n
-    return np.cos(angle).reshape(len(bins), k * k), np.sin(angle).reshape(len(bins), k * k)
-
-
-def orthogonal_frequency_weights(kernel, n: int, iterations: int = NEWTON_SCHULZ_ITERATIONS):
-    """orthogonalize(frequency_weights(kernel, n)) with the same math, faster: W(f) of the independent bins
-    only (a DFT as one real matmul), the complex ones orthogonalised in real arithmetic, the real ones (u, v
-    in {0, n/2}) as real matrices, the rest filled in by W'(-f) = conj(W'(f))."""
-    k, _, cin, cout = kernel.shape
-    complex_bins, real_bins, mirrored = _independent_bins(n)
-    taps = kernel.reshape(k * k, cin * cout)
-    out = jnp.zeros((n, n // 2 + 1, cout, cin), jnp.complex64)
-    if complex_bins:
-        cos, sin = _dft_basis(complex_bins, n, k)
-        w = _matmul(jnp.asarray(np.concatenate([cos, sin]), kernel.dtype), taps)
-        w = jnp.swapaxes(w.reshape(2, len(complex_bins), cin, cout), -1, -2)  # [re/im, bins, cout, cin]
-        w = _orthogonalize_col(jnp.concatenate([w[0], w[1]], -2), True, iterations)
-        w = jax.lax.complex(w[..., :cout, :], w[..., cout:, :])
-        rows, cols = (np.array(a) for a in zip(*complex_bins))
-        out = out.at[rows, cols].set(w)
-        if mirrored:
-            rows, cols, source = (np.array(a) for a in zip(*mirrored))
-            out = out.at[rows, cols].set(jnp.conj(w[source]))
-    cos, _ = _dft_basis(real_bins, n, k)
-    w = jnp.swapaxes(_matmul(jnp.asarray(cos, kernel.dtype), taps).reshape(len(real_bins), cin, cout), -1, -2)
-    w = _orthogonalize_col(w, False, iterations)
-    rows, cols = (np.array(a) for a in zip(*real_bins))
-    return out.at[rows, cols].set(w.astype(jnp.complex64))
-
-
-def fft_conv(x, w, pad: int):
-    """x [B, side, side, cin] (NHWC), orthogonalised W' [n, n//2 + 1, cout, cin] on the n = side + 2 pad grid
-    -> the cropped circular convolution [B, side, side, cout] (bias not added).
-
-    The same FFT / per-frequency product / inverse FFT as einsum("hwoi,bhwi->bhwo", W', rfft2(x)), laid out
-    for XLA:CPU: the FFTs run over the two minor axes (channels-first, no hidden transposes) and the product
-    is one real batched matmul per layer, [freq, B, 2 cin] @ [freq, 2 cin, 2 cout] with
-    [Xr, Xi] [[Wr^T, Wi^T], [-Wi^T, Wr^T]] = [Re, Im] of X W^T (_embed)."""
-    batch, side, _, cin = x.shape
-    n = side + 2 * pad
-    cout = w.shape[-2]
-    freqs = n * (n // 2 + 1)
-    padded = jnp.pad(jnp.transpose(x, (0, 3, 1, 2)), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-    spectrum = jnp.fft.rfft2(padded).reshape(batch, cin, freqs)  # [B, cin, freq]
-    spectrum = jnp.concatenate([jnp.real(spectrum), jnp.imag(spectrum)], 1).transpose(2, 0, 1)
-    w_t = jnp.swapaxes(w, -1, -2).reshape(freqs, cin, cout)  # X W^T per frequency
-    w_re, w_im = jnp.real(w_t), jnp.imag(w_t)
-    embedded = jnp.concatenate(
-        [jnp.concatenate([w_re, w_im], -1), jnp.concatenate([-w_im, w_re], -1)], -2
-    )  # [freq, 2 cin, 2 cout]
-    out = _matmul(spectrum, embedded)  # [freq, B, 2 cout]
-    out = out.transpose(1, 2, 0).reshape(batch, 2, cout, n, n // 2 + 1)
-    z = jnp.fft.irfft2(jax.lax.complex(out[:, 0], out[:, 1]), s=(n, n))  # [B, cout, n, n]
-    return jnp.transpose(z[:, :, pad : pad + side, pad : pad + side], (0, 2, 3, 1))
+    """LOT's orthogonalisation of each [cout, cin] block of w (see the module docstring)."""
+    cout, cin = w.shape[-2:]
+    rows = cout <= cin
+    gram = (
+        jnp.matmul(w, _hermitian(w), precision=_HIGHEST)
+        if rows
+        else jnp.matmul(_hermitian(w), w, precision=_HIGHEST)
+    )
+    gram = gram + GRAM_REGULARISER * jnp.eye(gram.shape[-1], dtype=gram.dtype)
+    norm = jnp.sqrt(jnp.sum(jnp.abs(gram) ** 2, axis=(-2, -1), keepdims=True)) + GRAM_REGULARISER
+    z = newton_schulz_inverse_sqrt(gram / norm, iterations)
+    product = jnp.matmul(z, w, precision=_HIGHEST) if rows else jnp.matmul(w, z, precision=_HIGHEST)
+    return product / jnp.sqrt(norm)
 
 
 def identity_kernel(key, shape, dtype=jnp.float32):
@@ -332,10 +152,14 @@ class LOTConv(nn.Module):
         if self.has_variable(FROZEN, "weights"):
             w = self.get_variable(FROZEN, "weights")
         else:
-            w = orthogonal_frequency_weights(kernel, n, self.iterations)
+            w = orthogonalize(frequency_weights(kernel, n), self.iterations)
             if self.is_mutable_collection(FROZEN) and not self.is_initializing():
                 self.put_variable(FROZEN, "weights", w)
-        y = fft_conv(x, w, pad) + bias
+        padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+        spectrum = jnp.fft.rfft2(padded, axes=(1, 2))
+        out = jnp.einsum("hwoi,bhwi->bhwo", w, spectrum, precision=_HIGHEST)
+        z = jnp.fft.irfft2(out, s=(n, n), axes=(1, 2))[:, pad : pad + height, pad : pad + width, :]
+        y = z + bias
         # Rounding allowance (not a worst-case proof; checked against float64 in tests/test_lot.py): FFT and
         # inverse FFT err by O(log2(n^2) u ||x||), a length-cin complex dot by O(sqrt(cin) u) of its operands'
         # norm (rows of W' have norm <= 1); a factor 8 on top; one more rounding for the bias.
