@@ -9,6 +9,7 @@ import pytest
 
 from certjax.attack import pgd_l2, smallest_margin
 from certjax.certify import l2_certify
+from certjax.kernels.orthogonal_conv import fft_conv, orthogonal_frequency_weights
 from certjax.models import lot
 
 
@@ -46,7 +47,7 @@ def _layer(case, key=0):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_singular_value_is_one_exact_per_frequency_svd(case):
     _, variables, _, n = _layer(case)
-    w = lot.orthogonalize(lot.frequency_weights(variables["params"]["kernel"], n))
+    w = orthogonal_frequency_weights(variables["params"]["kernel"], n, lot.NEWTON_SCHULZ_ITERATIONS)
     sv = np.linalg.svd(np.asarray(w).astype(np.complex128), compute_uv=False)
     assert sv.size >= n  # every frequency of the rfft2 half-spectrum
     np.testing.assert_allclose(sv, 1.0, atol=1e-4)
@@ -82,6 +83,7 @@ def _direct_circular_conv(x, w_freq, n, pad, side):
 def test_fft_layer_equals_direct_convolution_with_the_orthogonal_kernel(case):
     layer, variables, x, n = _layer(case)
     k, _, _, side, stride = CASES[case]
+    # the definition, not the fast path the layer runs: the test also checks that the two agree
     w = lot.orthogonalize(lot.frequency_weights(variables["params"]["kernel"], n))
     inputs = (
         einops.rearrange(np.asarray(x), "b (h a) (w c) ch -> b h w (ch a c)", a=2, c=2) if stride == 2 else x
@@ -123,6 +125,66 @@ def test_newton_schulz_matches_eigendecomposition_inverse_square_root():
     np.testing.assert_allclose(
         np.asarray(lot.orthogonalize(jnp.asarray(w, jnp.complex64))), inv_sqrt @ w, atol=2e-4
     )
+
+
+# The fast path (certjax/kernels/orthogonal_conv.py) against lot.py's definition. Grids cover odd and even n,
+# n = 1 (one real bin) and n = 2 (real bins only), rows (cout <= cin) and columns (cout > cin) Gram matrices.
+FAST_CASES = [(3, 8, 8, 8), (3, 16, 6, 7), (3, 3, 12, 8), (1, 32, 10, 1), (1, 12, 6, 2)]
+
+
+@pytest.mark.parametrize("k, cin, cout, n", FAST_CASES)
+def test_fast_orthogonal_weights_equal_the_definition_with_gradients(k, cin, cout, n):
+    noise = 0.05 if cin == cout else 0.3
+    kernel = _perturbed_kernel(jax.random.key(n + cin), k, cin, cout, noise)
+    shape = (n, n // 2 + 1, cout, cin)
+    probe = jax.random.normal(jax.random.key(1), shape) + 1j * jax.random.normal(jax.random.key(2), shape)
+    iterations = (0, 1, 2, lot.NEWTON_SCHULZ_ITERATIONS)  # each branch of the fast loop
+
+    @jax.jit  # one program per case (op by op, the unrolled iterations take minutes to dispatch)
+    def both(kernel):
+        definition = [lot.orthogonalize(lot.frequency_weights(kernel, n), i) for i in iterations]
+        fast = [orthogonal_frequency_weights(kernel, n, i) for i in iterations]
+        grads = [
+            jax.grad(lambda kk, f=f: jnp.sum(jnp.real(probe * f(kk))))(kernel)
+            for f in (
+                lambda kk: lot.orthogonalize(lot.frequency_weights(kk, n)),
+                lambda kk: orthogonal_frequency_weights(kk, n, lot.NEWTON_SCHULZ_ITERATIONS),
+            )
+        ]
+        return definition, fast, grads
+
+    definition, fast, (grad_definition, grad_fast) = both(kernel)
+    for want, got in zip(definition, fast, strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
+    scale = float(jnp.max(jnp.abs(grad_definition)))
+    np.testing.assert_allclose(np.asarray(grad_fast), np.asarray(grad_definition), atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("pad, side", [(1, 6), (0, 1), (0, 2), (1, 3)])
+def test_fast_fft_conv_equals_the_nhwc_einsum_with_gradients(pad, side):
+    cin, cout = 5, 7
+    n = side + 2 * pad
+    kernel = jax.random.normal(jax.random.key(0), (2 * pad + 1,) * 2 + (cin, cout))
+    w = lot.orthogonalize(lot.frequency_weights(kernel, n))
+    x = jax.random.normal(jax.random.key(1), (3, side, side, cin))
+    probe = jax.random.normal(jax.random.key(2), (3, side, side, cout))
+
+    def einsum_conv(x, w):
+        spectrum = jnp.fft.rfft2(jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))), axes=(1, 2))
+        out = jnp.einsum("hwoi,bhwi->bhwo", w, spectrum, precision="highest")
+        return jnp.fft.irfft2(out, s=(n, n), axes=(1, 2))[:, pad : pad + side, pad : pad + side]
+
+    @jax.jit
+    def value_and_grads(x, w):
+        return [
+            (conv(x, w), jax.grad(lambda x, w, c=conv: jnp.sum(probe * c(x, w)), argnums=(0, 1))(x, w))
+            for conv in (einsum_conv, lambda x, w: fft_conv(x, w, pad))
+        ]
+
+    (want, want_grads), (got, got_grads) = value_and_grads(x, w)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    for g, gw in zip(got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(gw), atol=1e-5 * float(jnp.max(jnp.abs(gw))))
 
 
 def _tiny_net(lln=False, noise=0.05, seed=0):

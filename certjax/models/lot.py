@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from certjax.certify import pair_lipschitz_matrix, pairwise_row_distances
+from certjax.kernels.orthogonal_conv import fft_conv, orthogonal_frequency_weights
 from certjax.models.layers import (
     FLOAT32_ROUNDING,
     NormalizedLinear,
@@ -152,14 +153,11 @@ class LOTConv(nn.Module):
         if self.has_variable(FROZEN, "weights"):
             w = self.get_variable(FROZEN, "weights")
         else:
-            w = orthogonalize(frequency_weights(kernel, n), self.iterations)
+            # = orthogonalize(frequency_weights(kernel, n)), with less work (certjax/kernels/orthogonal_conv.py)
+            w = orthogonal_frequency_weights(kernel, n, self.iterations)
             if self.is_mutable_collection(FROZEN) and not self.is_initializing():
                 self.put_variable(FROZEN, "weights", w)
-        padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-        spectrum = jnp.fft.rfft2(padded, axes=(1, 2))
-        out = jnp.einsum("hwoi,bhwi->bhwo", w, spectrum, precision=_HIGHEST)
-        z = jnp.fft.irfft2(out, s=(n, n), axes=(1, 2))[:, pad : pad + height, pad : pad + width, :]
-        y = z + bias
+        y = fft_conv(x, w, pad) + bias
         # Rounding allowance (not a worst-case proof; checked against float64 in tests/test_lot.py): FFT and
         # inverse FFT err by O(log2(n^2) u ||x||), a length-cin complex dot by O(sqrt(cin) u) of its operands'
         # norm (rows of W' have norm <= 1); a factor 8 on top; one more rounding for the bias.
