@@ -147,7 +147,9 @@ def main(argv):
         _fail("data", str(error))
     except ConfigError as error:
         _fail("config", str(error))
-    except FileNotFoundError as error:  # no checkpoint in the workdir
+    except FileNotFoundError as error:  # no checkpoint in the workdir to evaluate or certify with
+        if FLAGS.mode == "train":
+            raise
         _fail("checkpoint", str(error))
     except train.NonFiniteError as error:  # the message names the step and the checkpoint kept
         print(f"certjax: training stopped: {error}", file=sys.stderr)

@@ -173,3 +173,25 @@ def test_bad_input_one_line_exit_2_nothing_written(tiny_run, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "warning" in result.stderr and "broken.png" in result.stderr
     assert [row["file"] for row in _rows(out)] == ["cat/a.png", "dog/b.png"]
+
+
+def test_certify_files_reads_an_npz_with_labels_and_a_single_image(tiny_run, tmp_path):
+    from certjax.certify_files import certify_files
+
+    workdir = tiny_run("linf_dist")
+    images, labels = make_real_source("demo", "test", "cifar10").read(np.arange(0, 40, 4))
+    np.savez(tmp_path / "batch.npz", image=images, label=labels)
+    summary = certify_files(str(workdir), str(tmp_path / "batch.npz"), out=str(tmp_path / "npz.csv"))
+    rows = _rows(tmp_path / "npz.csv")
+    expected = certjax.restore(str(workdir)).certify(images, labels=labels)
+    assert [r["file"] for r in rows] == [f"batch.npz:{i}" for i in range(10)]
+    assert [int(r["label"]) for r in rows] == labels.tolist()
+    assert [float(r["radius"]) for r in rows] == expected["radius"].tolist()
+    certified = expected["correct"] & expected["certified"]
+    assert summary["certified_accuracy"] == pytest.approx(np.mean(certified))
+    from PIL import Image
+
+    Image.fromarray(images[3]).save(tmp_path / "one.png")
+    certify_files(str(workdir), str(tmp_path / "one.png"), out=str(tmp_path / "one.jsonl"))
+    (row,) = _rows(tmp_path / "one.jsonl")
+    assert row["file"] == "one.png" and "label" not in row and row["radius"] == float(expected["radius"][3])
