@@ -114,8 +114,11 @@ def test_pgd_breaks_no_certificate_of_the_float64_certifier(lot_model):
     certified &= np.cumsum(certified) <= 24  # the first 24: enough to catch a broken bound, and fast
     mean, std = jnp.asarray(config.data.mean), jnp.asarray(config.data.std)
 
+    # the float32 network with the cached orthogonal weights (no Newton-Schulz per attack step)
+    variables = {"params": model._params, lot.FROZEN: model._bounds["variables"][lot.FROZEN]}
+
     def logits_fn(pixels):
-        return model._exp.model.apply({"params": model._params}, (pixels - mean) / std)[0]
+        return model._exp.model.apply(variables, (pixels - mean) / std)[0]
 
     pixels = jnp.asarray(images[certified], jnp.float32) / 255.0
     _, margin = pgd_l2(
