@@ -3,9 +3,10 @@
   python launch.py --config=configs/linf_dist.py:demo --workdir=runs/demo
   python launch.py --config=configs/linf_dist.py --workdir=runs/linf --config.train.epochs=10
   python launch.py --config=configs/linf_dist.py --workdir=runs/linf --mode=evaluate --checkpoint=best
+  python launch.py --workdir=runs/linf --mode=certify --images=my_images.zip --out=certified.csv
 
-Training resumes from the latest checkpoint in --workdir. Evaluation reads the config saved with the
-checkpoint (so --config only needs to name the file).
+Training resumes from the latest checkpoint in --workdir. Evaluation and certification read the config saved
+with the checkpoint (so --config is not needed). absl / orbax INFO logging shows with --verbosity=1 only.
 
 Several processes (hosts) train one model together when each is started with the same command plus
 --coordinator_address=HOST:PORT --num_processes=N --process_id=I (or the CERTJAX_COORDINATOR_ADDRESS /
@@ -29,10 +30,18 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard eve
 flags.DEFINE_enum(
     "mode",
     "train",
-    ["train", "evaluate", "train_and_evaluate"],
-    "train (then a final evaluation record), or evaluate a saved checkpoint.",
+    ["train", "evaluate", "train_and_evaluate", "certify"],
+    "train (then a final evaluation record), evaluate a saved checkpoint, or certify --images with it.",
 )
-flags.DEFINE_string("checkpoint", "best", "Which checkpoint to evaluate: best, last or a step.")
+flags.DEFINE_string(
+    "checkpoint", "best", "Which checkpoint to evaluate or certify with: best, last or a step."
+)
+flags.DEFINE_string("images", None, "--mode=certify: a folder or zip of images, an .npz or one image file.")
+flags.DEFINE_string("out", None, "--mode=certify: rows file, .jsonl or .csv (default <workdir>/certify/).")
+flags.DEFINE_float(
+    "eps", None, "--mode=certify: budget in pixel units (default the checkpoint's certify.eps)."
+)
+flags.DEFINE_bool("skip-bad-images", False, "--mode=certify: skip unreadable images with a warning.")
 flags.DEFINE_bool(
     "distributed", False, "jax.distributed.initialize() with the cluster detected from the environment."
 )
@@ -45,7 +54,7 @@ flags.DEFINE_integer(
     "num_processes", int(os.environ.get("CERTJAX_NUM_PROCESSES", "0")), "Processes in the run."
 )
 flags.DEFINE_integer("process_id", int(os.environ.get("CERTJAX_PROCESS_ID", "-1")), "This process's index.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
 
@@ -77,6 +86,15 @@ def check_override_keys(argv: list[str]) -> None:
         _fail("config", "\n".join(f"--config.{e}" for e in errors))
 
 
+def quiet_logging() -> None:
+    """absl (and so orbax) logs INFO by default: hundreds of lines per run. Show warnings and errors only,
+    unless --verbosity=1 or more is given; certjax prints its own one line per checkpoint save / restore."""
+    from absl import logging
+
+    if FLAGS.verbosity < 1:
+        logging.set_verbosity(logging.WARNING)
+
+
 def initialize_distributed() -> None:
     """jax.distributed from the flags / environment; a no-op for a single process."""
     import jax
@@ -98,12 +116,29 @@ def initialize_distributed() -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    quiet_logging()
+    if FLAGS.mode in ("train", "train_and_evaluate") and FLAGS.config is None:
+        _fail("config", f"--mode={FLAGS.mode} needs --config, e.g. --config=configs/linf_dist.py:demo")
+    if FLAGS.mode == "certify" and not FLAGS.images:
+        _fail("config", "--mode=certify needs --images=PATH (a folder or zip of images, an .npz or an image)")
     initialize_distributed()
     from certjax import evaluate, train
     from certjax.config_checks import ConfigError
     from certjax.data.sources import DataError
 
     try:
+        if FLAGS.mode == "certify":
+            from certjax.certify_files import certify_files
+
+            certify_files(
+                FLAGS.workdir,
+                FLAGS.images,
+                FLAGS.checkpoint,
+                FLAGS.eps,
+                FLAGS.out,
+                FLAGS["skip-bad-images"].value,
+            )
+            return
         if FLAGS.mode in ("train", "train_and_evaluate"):
             train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
         if FLAGS.mode in ("evaluate", "train_and_evaluate"):
@@ -112,6 +147,10 @@ def main(argv):
         _fail("data", str(error))
     except ConfigError as error:
         _fail("config", str(error))
+    except FileNotFoundError as error:  # no checkpoint in the workdir to evaluate or certify with
+        if FLAGS.mode == "train":
+            raise
+        _fail("checkpoint", str(error))
     except train.NonFiniteError as error:  # the message names the step and the checkpoint kept
         print(f"certjax: training stopped: {error}", file=sys.stderr)
         sys.exit(3)

@@ -9,12 +9,26 @@ looks whole; restore always picks a finalised one.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import ml_collections
 import orbax.checkpoint as ocp
 
 BEST_METRIC = "certified_accuracy"
+
+
+class _ReadOnlyNotices(logging.Filter):
+    """orbax warns on every read-only manager (evaluation, certjax.api) that it is read-only: as asked."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not message.startswith(
+            ("CheckpointManagerOptions.read_only=True", "Given directory is read only")
+        )
+
+
+logging.getLogger("absl").addFilter(_ReadOnlyNotices())
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -53,11 +67,21 @@ def save(manager, step: int, state, config, metrics: dict[str, float]) -> None:
         metrics={k: float(v) for k, v in metrics.items()},
         force=True,
     )
+    _announce(f"checkpoint: saving step {step} to {manager.directory}")
 
 
-def restore_state(manager, step: int, abstract_state):
+def restore_state(manager, step: int, abstract_state, announce: bool = True):
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    if announce:
+        _announce(f"checkpoint: restored step {step} from {manager.directory}")
     return restored["state"]
+
+
+def _announce(message: str) -> None:
+    """certjax's one line per checkpoint save / restore (orbax's own INFO lines are hidden by default)."""
+    from certjax.writers import console
+
+    console(message)
 
 
 def restore_latest(manager, workdir: str, abstract_state):
@@ -78,7 +102,7 @@ def restore_latest(manager, workdir: str, abstract_state):
                 f"({mismatch}): resume with the config it was trained with, or use a new --workdir"
             )
         try:
-            return restore_state(manager, step, abstract_state), step
+            return restore_state(manager, step, abstract_state, announce=False), step  # the trainer says so
         except Exception as error:  # orbax / tensorstore raise many types for a damaged checkpoint
             moved = _set_aside(manager, workdir, step)
             previous = [s for s in manager.all_steps() if s < step]

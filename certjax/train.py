@@ -158,11 +158,22 @@ def make_optimizer(opt_config, total_steps: int, steps_per_epoch: int):
 class Experiment:
     """Everything derived from a config: model, optimiser, sources, jitted steps. No training state."""
 
-    def __init__(self, config: ml_collections.ConfigDict, *, need_train_data: bool = True):
+    def __init__(
+        self, config: ml_collections.ConfigDict, *, need_train_data: bool = True, need_test_data: bool = True
+    ):
+        """need_test_data=False (certifying a user's images, certjax.api): no data source is opened at all,
+        so a checkpoint trained on tfds or a local path certifies on a machine without that data."""
         self.config = config
         self.family = get_family(config.model.name)
-        self.sources = pipeline.make_sources(config, need_train=need_train_data)
-        self.num_classes = self.sources.num_classes
+        if need_train_data or need_test_data:
+            self.sources = pipeline.make_sources(config, need_train=need_train_data)
+            self.num_classes = self.sources.num_classes
+        else:
+            from certjax.data.sources import NUM_CLASSES, DataError
+
+            if config.data.dataset not in NUM_CLASSES:
+                raise DataError(f"unknown dataset {config.data.dataset!r}; valid: {', '.join(NUM_CLASSES)}")
+            self.sources, self.num_classes = None, NUM_CLASSES[config.data.dataset]
         self.model = self.family.build(config.model, self.num_classes)
         self.loss_fn = get_loss(config.loss.name)
         self.certifier = get_certifier(self.family.THREAT_MODEL)
@@ -186,8 +197,10 @@ class Experiment:
                 process_count=jax.process_count(),
             )
             self.steps_per_epoch = self.batches.steps_per_epoch
-        else:
+        elif self.sources is not None:
             self.steps_per_epoch = math.ceil(len(self.sources.test) / config.train.batch_size)
+        else:
+            self.steps_per_epoch = 1  # only the optimiser's schedule uses it, and nothing trains
         self.total_steps = config.train.epochs * self.steps_per_epoch
         self.tx = make_optimizer(config.optimizer, self.total_steps, self.steps_per_epoch)
         # Outputs pinned to the replicated layout: the state every process holds, whole, after each step.
@@ -321,13 +334,15 @@ class Experiment:
             return {"variables": {}, "pair_lipschitz": None, "assumed_pair_lipschitz": None, "report": {}}
         return hook(self.model, {"params": params, **model_state})
 
-    def certify_batches(self, params, model_state, batches) -> dict[str, np.ndarray]:
+    def certify_batches(self, params, model_state, batches, bounds=None) -> dict[str, np.ndarray]:
         """Per-example prediction / correct / radius / certified / label over an iterable of batches.
 
         With a family's measured bounds, also `certified_assumed` (the bound the architecture promises, e.g.
         LOT's exactly orthogonal layers), and the bounds' report under the key "bounds" (not per example).
+        bounds: `certificate_bounds(params, model_state)` computed once by the caller (certjax.api) or here.
         """
-        bounds = self.certificate_bounds(params, model_state)
+        if bounds is None:
+            bounds = self.certificate_bounds(params, model_state)
         model_state = {**model_state, **bounds["variables"]}
         outputs = []
         for batch in batches:
@@ -470,11 +485,13 @@ def _train_loop(config, workdir: str, exp: Experiment, manager) -> TrainState:
             now = time.perf_counter()
             img_s = window_images / max(now - window_start, 1e-9)
             eta = (total - done) * (now - run_start) / max(done - run_start_step, 1)
-            console(
+            progress = (
                 f"epoch {done / spe:7.2f} step {done}/{total} loss {summary['loss']:.4f} "
                 f"acc {summary['accuracy']:.4f} p {values['p']:.4g} lr {float(lr_schedule(step)):.3g} "
                 f"{img_s:.1f} img/s ETA {_hms(eta)}"
             )
+            if not epoch_end:  # at an epoch's end the line waits for the test figures: one line per epoch
+                console(progress)
             writer.write_scalars(
                 done,
                 {
@@ -496,11 +513,12 @@ def _train_loop(config, workdir: str, exp: Experiment, manager) -> TrainState:
                 state = exp.recalibrate(state)
             if evaluate_now:
                 test = exp.evaluate_source(state, exp.sources.test, config.train.eval_subset)
-                console(
-                    f"epoch {epoch}: test clean {test['clean_accuracy']:.4f} certified "
+                progress += (
+                    f" | test clean {test['clean_accuracy']:.4f} certified "
                     f"{test['certified_accuracy']:.4f} (eps {config.certify.eps:.5f})"
                 )
                 writer.write_scalars(done, {f"test/{k}": v for k, v in test.items()})
+            console(progress)
             if save_now:
                 checkpoints.save(
                     manager,

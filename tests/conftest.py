@@ -31,3 +31,67 @@ def run_launch(config: str, workdir, *overrides: str, mode: str = "train", devic
 
     command = launch_command(config, workdir, *overrides, mode=mode)
     return subprocess.run(command, env=launch_env(devices), cwd=REPO, capture_output=True, text=True)
+
+
+# Tiny models of every family, trained for a few steps on the embedded real CIFAR-10 sample, with their
+# orbax checkpoints in a workdir as launch.py leaves them: for the API, --mode=certify and export tests.
+_LINF_TINY = {"model.depth": 3, "model.width": 32, "certify.eps": 2 / 255}
+TINY_RUNS = {
+    "linf_dist": ("configs/linf_dist.py", "demo", _LINF_TINY),
+    "sortnet": ("configs/sortnet.py", "demo,nodropout", _LINF_TINY),
+    "lot": ("configs/lot.py", "S,demo,cosine",
+            {"model.init_channels": 4, "optimizer.lr": 0.05, "certify.eps": 0.02}),
+    "liresnet": ("configs/liresnet.py", "XS,demo",
+                 {"model.width": 8, "model.neck_features": 32, "model.eval_power_iterations": 50,
+                  "optimizer.warmup_epochs": 0, "certify.eps": 0.02}),
+}  # fmt: skip
+
+
+def _tiny_config(family: str):
+    import importlib.util
+
+    path, variant, overrides = TINY_RUNS[family]
+    spec = importlib.util.spec_from_file_location(f"_tiny_{family}", REPO / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(variant)
+    settings = {
+        "train.epochs": 1, "train.batch_size": 64, "data.real_subset": 256, "train.eval_batch_size": 250,
+        "train.eval_subset": 250, "checkpoint.every_epochs": 1, **overrides,
+    }  # fmt: skip
+    for key, value in settings.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return config
+
+
+_TRAINED: dict = {}
+
+
+def trained_workdir(family: str, root) -> Path:
+    """A workdir with a checkpoint of a tiny `family` model (trained once per test session)."""
+    if family not in _TRAINED:
+        from certjax import train
+
+        workdir = Path(root) / family
+        train.train_and_evaluate(_tiny_config(family), str(workdir))
+        _TRAINED[family] = workdir
+    return _TRAINED[family]
+
+
+def _session_fixture():
+    import pytest
+
+    @pytest.fixture(scope="session")
+    def tiny_run(tmp_path_factory):
+        """family -> workdir of a tiny trained model (trained on first use, once per test session)."""
+        root = tmp_path_factory.mktemp("tiny_runs")
+        return lambda family: trained_workdir(family, root)
+
+    return tiny_run
+
+
+tiny_run = _session_fixture()

@@ -14,3 +14,22 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert "pytest" in tests
     ci_lines = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
     assert tests in ci_lines
+
+
+def _readme_api_snippet() -> str:
+    lines = (REPO / "README.md").read_text().splitlines()
+    start = lines.index("    import numpy as np")
+    snippet = []
+    for line in lines[start:]:
+        if line and not line.startswith("    "):
+            break
+        snippet.append(line[4:])
+    return "\n".join(snippet)
+
+
+def test_readme_api_example_runs(tiny_run, capsys):
+    snippet = _readme_api_snippet()
+    assert 'certjax.restore("runs/demo"' in snippet and "model.certify(images)" in snippet
+    exec(compile(snippet.replace("runs/demo", str(tiny_run("linf_dist"))), "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 2 and printed[1].startswith("linf_dist linf")

@@ -136,6 +136,13 @@ def test_launch_trains_and_evaluates_on_real_images(tmp_path, generated):
     out = result.stdout
     assert "img/s" in out and "ETA" in out
     assert "test clean" in out and "certified" in out
+    # quiet: no absl / orbax INFO lines; the header, one line per epoch, one per checkpoint save / restore and
+    # the result
+    assert not [line for line in result.stderr.splitlines() if line.startswith("I")], result.stderr[:2000]
+    lines = out.splitlines()
+    assert sum(line.startswith("epoch") for line in lines) == 3
+    assert sum(line.startswith("checkpoint: ") for line in lines) == 2  # the final save, evaluation's restore
+    assert len(lines) <= 12, out
     records = [json.loads(line) for line in (workdir / "results.jsonl").read_text().splitlines()]
     assert len(records) == 1
     record = records[0]

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from certjax.certify import pair_lipschitz_matrix, pairwise_row_distances
+from certjax.certify import pair_lipschitz_matrix, pairwise_row_distances, round_up_float32_array
 from certjax.kernels.orthogonal_conv import fft_conv, orthogonal_frequency_weights
 from certjax.models.layers import (
     FLOAT32_ROUNDING,
@@ -51,6 +51,7 @@ from certjax.models.layers import (
     normalized_rows,
     sow_l2_rounding_error,
 )
+from certjax.models.lot_certify import certified_logits
 
 THREAT_MODEL = "l2"
 NEWTON_SCHULZ_ITERATIONS = 10
@@ -189,6 +190,12 @@ class LipConvNet(nn.Module):
         del p, train  # no l_p phase, no batch statistics
         if x.shape[1] % 32 or x.shape[1] != x.shape[2]:
             raise ValueError(f"LipConvNet needs square inputs with a side divisible by 32, got {x.shape}")
+        if self.is_mutable_collection("rounding") and not self.is_initializing():
+            # The certifying forward (evaluation asks for "rounding"): float64 with a proven error bound,
+            # on the cached weights and measured sigmas of certificate_bounds (lot_certify.py).
+            logits, error = certified_logits(self.variables, x, FROZEN, normalized_rows)
+            sow_l2_rounding_error(self, error)
+            return logits, jnp.ones((), logits.dtype)
         planes = self.init_channels
         h = x
         for stage in range(5):
@@ -243,8 +250,9 @@ def certificate_bounds(model: LipConvNet, variables, input_shape=(1, 32, 32, 3))
     float32 rounded up), assumed_pair_lipschitz (body taken as exactly 1: sqrt(2), or ||w_y - w_j|| with lln)
     and a report of the measured figures.
     """
-    frozen = computed_collection(model, variables, tuple(input_shape), FROZEN)
-    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(frozen))
+    variables = {name: value for name, value in variables.items() if name != FROZEN}
+    frozen = flax.core.unfreeze(computed_collection(model, variables, tuple(input_shape), FROZEN))
+    flat = flax.traverse_util.flatten_dict(frozen)
     sigmas, last_rows = {}, None
     for path, w in sorted(flat.items()):
         layer = path[-2]
@@ -261,16 +269,27 @@ def certificate_bounds(model: LipConvNet, variables, input_shape=(1, 32, 32, 3))
             normalized_rows(jnp.asarray(variables["params"]["last"]["kernel"])), np.float64
         )
     body = float(np.prod(list(sigmas.values()))) if sigmas else 1.0
-    distances = pairwise_row_distances(last_rows) * SVD_SAFETY
+    # The certifying forward (lot_certify.py) propagates rounding errors with these measured sigmas.
+    for layer, sigma in sigmas.items():
+        frozen[layer]["sigma_bound"] = jnp.asarray(round_up_float32_array(sigma))
+    last_sigma = float(np.linalg.norm(last_rows, 2)) * SVD_SAFETY
+    if not model.lln:
+        frozen["last"]["sigma_bound"] = jnp.asarray(round_up_float32_array(last_sigma))
+    # lln: the forward normalises the rows in float32 inside its own computation; the rows here may differ
+    # in the last bits (fusion order), by < 8 ulps of a unit row: + 1e-6 covers it (as LiResNet's head).
+    distances = pairwise_row_distances(last_rows) * SVD_SAFETY + (1e-6 if model.lln else 0.0)
+    row_norm = float(np.max(np.linalg.norm(last_rows, axis=1))) * SVD_SAFETY + (1e-6 if model.lln else 0.0)
     assumed = distances if model.lln else np.full_like(distances, math.sqrt(2.0))
     return {
         "variables": {FROZEN: frozen},
         "pair_lipschitz": pair_lipschitz_matrix(body * distances),
         "assumed_pair_lipschitz": pair_lipschitz_matrix(assumed),
+        # an error of the normalised input moves every logit by at most body x the largest row norm
+        "input_error_gain": float(round_up_float32_array(body * row_norm)),
         "report": {
             "lipschitz_body_measured": body,
             "lipschitz_body_assumed": 1.0,
             "layer_sigma_max": sigmas,
-            "last_layer_sigma_max": float(np.linalg.norm(last_rows, 2)),
+            "last_layer_sigma_max": last_sigma,
         },
     }
