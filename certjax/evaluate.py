@@ -135,7 +135,7 @@ def evaluate_checkpoint(workdir: str, which: str = "best", train_subset: int = 1
     manager.close()
 
     test_batches = pipeline.eval_batches(exp.sources.test, config.train.eval_batch_size)
-    results = exp.certify_batches(state.params, state.model_state, test_batches)
+    results = exp.certify_batches(state.params, state.model_state, test_batches, every_radius=True)
     clean = float(results["correct"].mean())
     certified = float(results["certified"].mean())
     bounds_report = dict(exp.last_bounds_report)

@@ -34,7 +34,8 @@ from clu import metrics as clu_metrics
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from certjax import bounds, checkpoints, schedules
+from certjax import bounds as interval_bounds
+from certjax import checkpoints, schedules
 from certjax.certify import certify_method, get_certifier, pixel_radius_scale, round_up_float32
 from certjax.config_checks import check_config
 from certjax.data import pipeline
@@ -177,7 +178,7 @@ class Experiment:
         self.loss_fn = get_loss(config.loss.name)
         self.certifier = get_certifier(self.family.THREAT_MODEL)
         self.certify_method = certify_method(config, self.family)
-        self.valid_range = bounds.valid_pixel_range(config.data.mean, config.data.std)
+        self.valid_range = interval_bounds.valid_pixel_range(config.data.mean, config.data.std)
         self.input_scale = 1.0 / pixel_radius_scale(config.data.std)  # pixel eps -> normalised eps
         self.mesh = Mesh(np.asarray(jax.devices()), ("data",))
         self.replicated = NamedSharding(self.mesh, P())
@@ -343,7 +344,7 @@ class Experiment:
         """The l_inf ball of radius eps_normalised around normalised images (widened by input_error), within
         the normalised images of pixel values [0, 1] (certjax.bounds.input_box)."""
         low, high = (jnp.asarray(v) for v in self.valid_range)
-        return bounds.input_box(images, eps_normalised, low, high, input_error)
+        return interval_bounds.input_box(images, eps_normalised, low, high, input_error)
 
     def _ibp_step(self, params, model_state, batch, eps_normalised):
         """Certified flags by interval bounds at p = inf over the eps ball (normalised units) around the exact
@@ -353,7 +354,7 @@ class Experiment:
         logits, _, (lower, upper) = self.model.apply(
             {"params": params, **model_state}, images, jnp.float32(jnp.inf), train=False, box=box
         )
-        return bounds.ibp_certified(logits, lower, upper, batch["label"])
+        return interval_bounds.ibp_certified(logits, lower, upper, batch["label"])
 
     def ibp_radii(self) -> list[float]:
         """Pixel radii certified by interval bounds: certify.eps and every nonzero radius of certify.radii
@@ -370,8 +371,9 @@ class Experiment:
             return {"variables": {}, "pair_lipschitz": None, "assumed_pair_lipschitz": None, "report": {}}
         return hook(self.model, {"params": params, **model_state})
 
-    def certify_batches(self, params, model_state, batches) -> dict[str, np.ndarray]:
-        """Per-example prediction / correct / radius / certified / label over an iterable of batches.
+    def certify_batches(self, params, model_state, batches, every_radius: bool = False) -> dict:
+        """Per-example prediction / correct / radius / certified / label over an iterable of batches
+        (numpy arrays). every_radius: IBP flags at every radius of the record, not only at certify.eps.
 
         With a family's measured bounds, also `certified_assumed` (the bound the architecture promises, e.g.
         LOT's exactly orthogonal layers), and the bounds' report under the key "bounds" (not per example).
@@ -409,16 +411,18 @@ class Experiment:
             result["logit_error"] = logit_error
             result["label"] = labels
             if self.certify_method != "margin":
-                self._add_ibp(result, params, model_state, batch)
+                # one IBP pass per radius: all of them for the results record, eps alone for the per-epoch
+                # evaluation in training
+                radii = self.ibp_radii() if every_radius else [float(self.config.certify.eps)]
+                self._add_ibp(result, params, model_state, batch, radii)
             outputs.append(jax.tree.map(lambda a, n=n: np.asarray(a)[:n], result))
         results = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
         self.last_bounds_report = bounds["report"]
         return results
 
-    def _add_ibp(self, result, params, model_state, batch):
-        """IBP flags at every ibp_radii() radius ([B, R] `ibp_certified_at`), `certified_margin` /
+    def _add_ibp(self, result, params, model_state, batch, radii):
+        """IBP flags at every radius of `radii` ([B, R] `ibp_certified_at`), `certified_margin` /
         `certified_ibp` at certify.eps, and `certified` by the configured method (both: either)."""
-        radii = self.ibp_radii()
         sharded = self.sharded_copy(batch)
         flags = [
             self.ibp_step(params, model_state, sharded, round_up_float32(r * self.input_scale)) for r in radii
