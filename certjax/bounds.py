@@ -210,9 +210,10 @@ def input_box(images, eps, valid_lower, valid_upper, input_error=0.0):
     bound of the float32 error of the normalisation, per example or scalar) and intersected with the valid
     pixel range [valid_lower, valid_upper] (per channel, the normalised images of 0 and 1, already rounded
     outward). Returns (lower, upper) of the images' shape, rounded outward."""
-    radius = eps + jnp.reshape(jnp.asarray(input_error, jnp.float32), (-1,) + (1,) * (images.ndim - 1))
-    lower = _round_down(_round_down(images - radius))
-    upper = _round_up(_round_up(images + radius))
+    error = jnp.reshape(jnp.asarray(input_error, jnp.float32), (-1,) + (1,) * (images.ndim - 1))
+    radius = _round_up(eps + error)  # the sum rounds too: never below eps + input_error
+    lower = _round_down(images - radius)
+    upper = _round_up(images + radius)
     return jnp.maximum(lower, valid_lower), jnp.minimum(upper, valid_upper)
 
 
