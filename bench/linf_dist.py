@@ -7,7 +7,9 @@ elements/s (B*I*O per second) of
              backward at p = inf,
   previous   (p = inf) the jnp path before the arg-max scan: first arg-max recomputed in the backward,
   naive      broadcast-reduce over a materialised [B, O, I] with plain autodiff (skipped when that buffer
-             would exceed --naive-max-gb).
+             would exceed --naive-max-gb),
+  bounds     the interval bounds of the layer (certjax.bounds.lp_distance_bounds: lower and upper in one
+             blocked pass, a box of half-width 0.1 around x; backward: gradients of sum(g * (lo + hi))).
 On a GPU also the fraction of the FP32 vector peak: the l_inf op needs at least two FP32 instructions per
 element (a subtract, then a max with |.| folded in as an operand modifier), and an FMA-rated peak of F FLOP/s
 issues F / 2 instructions/s, so the element-rate limit is F / 4 (H100 SXM: 67 TFLOP/s -> 16.7 T elements/s).
@@ -16,12 +18,20 @@ On CPU the run ends with the acceptance ratio: naive / chosen forward + backward
 
   python bench/linf_dist.py                                     # (512, 3072, 5120), (512, 5120, 5120)
   python bench/linf_dist.py --shapes 512x1024x1024 256x3072x256 --repeats 3     # CPU-sized
+  python bench/linf_dist.py --train-steps --width 128 --depth 6 --batch 128 # v1 / v1 IBP / v2 train steps
+
+--train-steps times whole training steps (Experiment.train_step: augmentation, forward, loss, backward,
+optimiser) of configs/linf_dist.py:v2, :v1 (the original's hinge on Lipschitz margins) and :v1 with
+loss.bound=ibp (the hinge on interval bounds through every layer), interleaved in one run, at p = 8 and
+p = inf, and prints img/s with the ratios to v2.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import sys
 import time
 
 import jax
@@ -37,6 +47,9 @@ from certjax.kernels.linf_dist import (
 )
 
 INF = float("inf")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)  # configs/ is imported as a package
 
 
 def timed(fn, *args, repeats: int) -> float:
@@ -92,6 +105,54 @@ def _previous_bwd(residuals, g):
 previous_lp_distance.defvjp(_previous_fwd, _previous_bwd)
 
 
+def bounds_sum(x, w, p):
+    """lower + upper interval bound of the layer over the box x +- 0.1 (one [B, O] output, so that the
+    forward + backward timing below differentiates both ends)."""
+    from certjax.bounds import lp_distance_bounds
+
+    lower, upper = lp_distance_bounds(x - 0.1, x + 0.1, w, p)
+    return lower + upper
+
+
+def bench_train_steps(width: int, depth: int, batch_size: int, repeats: int) -> None:
+    """img/s of Experiment.train_step for v2, v1 and v1 with IBP training, interleaved, at p = 8 and inf."""
+    import numpy as np
+
+    from certjax.train import Experiment
+    from configs.linf_dist import get_config
+
+    variants = {"v2": ("v2", {}), "v1": ("v1", {}), "v1 ibp": ("v1", {"bound": "ibp"})}
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (batch_size, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, (batch_size,), dtype=np.int32)
+    setups = {}
+    for name, (variant, loss) in variants.items():
+        config = get_config(variant)
+        config.data.real = "demo"  # only the class count; the batch below is random
+        config.model.width, config.model.depth = width, depth
+        config.train.batch_size = batch_size
+        config.loss.update(loss)
+        exp = Experiment(config, need_train_data=False)
+        batch = exp.global_batch({"image": images, "label": labels})
+        setups[name] = [exp, exp.init_state(), batch]
+    print(f"train steps: width {width}, depth {depth}, batch {batch_size} (best of {repeats})")
+    for p in (8.0, INF):
+        best = {name: INF for name in setups}
+        for _ in range(repeats + 1):  # the first round compiles
+            for name, setup in setups.items():
+                exp, state, batch = setup
+                schedule = {"p": np.float32(p), "lam": np.float32(0.01), "eps_train": np.float32(0.1)}
+                start = time.perf_counter()
+                state, _ = exp.train_step(state, batch, schedule)
+                jax.block_until_ready(state)
+                best[name] = min(best[name], time.perf_counter() - start)
+                setup[1] = state
+        line = f"  p={p:g}:"
+        for name, seconds in best.items():
+            line += f"  {name} {batch_size / seconds:8.1f} img/s ({best['v2'] / seconds:.2f}x v2)"
+        print(line, flush=True)
+
+
 def paths(backend: str, p: float, shape, naive_max_gb: float):
     """{name: distance(x, w) or a reason it is skipped} for this backend and p."""
     batch, size, out = shape
@@ -101,6 +162,7 @@ def paths(backend: str, p: float, shape, naive_max_gb: float):
     found["jnp"] = lambda x, w: lp_distance(x, w, p, kernel="jnp")
     if p == INF:
         found["previous"] = lambda x, w: previous_lp_distance(x, w, p)
+    found["bounds"] = lambda x, w: bounds_sum(x, w, p)
     gigabytes = batch * size * out * 4 / 1e9
     if gigabytes <= naive_max_gb:
         found["naive"] = lambda x, w: naive_distance(x, w, p)
@@ -151,7 +213,14 @@ def main() -> None:
         "--peak-tflops", type=float, default=67.0, help="FP32 peak, FMA = 2 FLOP (default: H100 SXM, 67)"
     )
     parser.add_argument("--no-ratio", action="store_true", help="skip the CPU width-1024 naive/chosen ratio")
+    parser.add_argument("--train-steps", action="store_true", help="time v2 / v1 / v1-IBP train steps only")
+    parser.add_argument("--width", type=int, default=128, help="--train-steps: model width")
+    parser.add_argument("--depth", type=int, default=6, help="--train-steps: model depth")
+    parser.add_argument("--batch", type=int, default=128, help="--train-steps: batch size")
     args = parser.parse_args()
+    if args.train_steps:
+        bench_train_steps(args.width, args.depth, args.batch, args.repeats)
+        return
     backend = jax.default_backend()
     peak = args.peak_tflops * 1e12 if backend == "gpu" else None
     print(

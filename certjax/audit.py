@@ -10,7 +10,8 @@ fixed random subset of --limit points), then:
    normalised-gradient steps; both projected on the eps ball and [0, 1]), 100 steps, several random restarts,
    on the smallest margin z_y - max_{j != y} z_j of every correctly classified point (PGD accuracy), and a
    margin-targeted PGD on each single margin z_y - z_j for the `targets` largest other logits j of every
-   certified point. A certified point whose smallest margin an attack brings to <= 0 is a *broken certificate*
+   certified point (by the margin or, with certify.method ibp | both, by interval bounds). A certified point
+   whose smallest margin an attack brings to <= 0 is a *broken certificate*
    (must be 0). It also checks that no margin drops by more than the certificate's Lipschitz bound allows
    (max_j K_yj * eps / min(std)).
 2. Empirical Lipschitz ratios of the whole network on random nearby pairs, gradient-aligned pairs and the
@@ -178,6 +179,20 @@ def _jsonable(value):
     return value
 
 
+def _by_method(cert, broken) -> dict:
+    """Certified and broken counts by the margin and by interval bounds, when the evaluation used IBP."""
+    if "certified_ibp" not in cert:
+        return {}
+    by_margin = np.asarray(cert["certified_margin"], bool)
+    by_ibp = np.asarray(cert["certified_ibp"], bool)
+    return {
+        "certified_points_margin": int(by_margin.sum()),
+        "certified_points_ibp": int(by_ibp.sum()),
+        "certified_points_ibp_only": int((by_ibp & ~by_margin).sum()),
+        "broken_ibp": int((broken & by_ibp).sum()),
+    }
+
+
 def audit_model(exp, state, images, labels, *, steps=100, restarts=5, targets=3, batch_size=256, seed=0):
     """The audit of one model on the given test points (uint8 images, int labels); returns the report dict."""
     config = exp.config
@@ -305,6 +320,8 @@ def audit_model(exp, state, images, labels, *, steps=100, restarts=5, targets=3,
         "attacked_points": int(len(attacked)),
         "broken": int(broken.sum()),
         "broken_indices": np.flatnonzero(broken).tolist(),
+        # with interval bounds (certify.method ibp | both) every IBP-certified point is attacked too
+        **_by_method(cert, broken),
         "margin_drop_violations": drop_violations,
         "max_margin_drop_to_bound": worst_drop_ratio,
         "attack": {"steps": steps, "restarts": restarts, "targets": targets, "step_size": "eps / 4"},

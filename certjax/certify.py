@@ -148,6 +148,27 @@ def l2_certify(logits, labels, eps: float, std, logit_error=None, pair_lipschitz
 
 
 THREAT_MODELS = {"linf": linf_certify, "l2": l2_certify}
+CERTIFY_METHODS = ("margin", "ibp", "both")
+
+
+def certify_method(config, family) -> str:
+    """config.certify.method checked against the family: "margin" (the Lipschitz margin), "ibp" (interval
+    bounds over the input box, certjax.bounds) or "both" (certified if either proves it). Families with
+    interval bounds declare INTERVAL_BOUNDS (the l_inf ones); a config saved before the switch has no method:
+    "both" where the family has bounds, else "margin". Bad values raise ValueError naming the fix."""
+    supports = bool(getattr(family, "INTERVAL_BOUNDS", False))
+    method = config.certify.get("method", None)
+    if method is None:
+        return "both" if supports else "margin"
+    if method not in CERTIFY_METHODS:
+        raise ValueError(f"certify.method {method!r}; use one of {', '.join(CERTIFY_METHODS)}")
+    if method != "margin" and not supports:
+        raise ValueError(
+            f"certify.method {method!r}: interval bounds exist only for the l_inf families (linf_dist, "
+            f"sortnet); model.name {config.model.name!r} is certified by its {family.THREAT_MODEL} Lipschitz "
+            "margin: use --config.certify.method=margin"
+        )
+    return method
 
 
 def get_certifier(threat_model: str):

@@ -20,8 +20,8 @@ import ml_collections
 OPTIONAL_KEYS = frozenset({"certify.radii"})
 DATASETS = ("cifar10", "cifar100")
 SUBSET_MODES = ("first", "random")
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("cosine", "constant", "multistep")
+OPTIMIZERS = ("adam", "adamw", "adamw_lp", "sgd")
+SCHEDULES = ("cosine", "constant", "multistep", "hold_cosine")
 KERNELS = ("auto", "pallas", "jnp", "interpret")
 
 
@@ -162,6 +162,24 @@ def check_config(config, *, device_count: int = 1, process_count: int = 1, unkno
     )
     radii = config.certify.get("radii", None) or ()
     need(all(r >= 0 for r in radii), "certify.radii", f"{tuple(radii)}; radii must be >= 0")
+    from certjax.certify import certify_method
+    from certjax.losses import LOSS_BOUNDS
+    from certjax.models import get_family
+
+    family = get_family(config.model.name) if config.model.name in FAMILIES else None
+    if family is not None:
+        try:
+            certify_method(config, family)
+        except ValueError as error:
+            errors.append(str(error))
+    loss_bound = config.loss.get("bound", None)
+    if loss_bound is not None:
+        need(loss_bound in LOSS_BOUNDS, "loss.bound", f"{loss_bound!r}; use one of {', '.join(LOSS_BOUNDS)}")
+        need(
+            loss_bound != "ibp" or family is None or getattr(family, "INTERVAL_BOUNDS", False),
+            "loss.bound",
+            f"'ibp': model.name {config.model.name!r} has no interval bounds; use loss.bound=lipschitz",
+        )
     eps_train = config.loss.get("eps_train", 0.0)
     need(eps_train >= 0, "loss.eps_train", f"{eps_train!r}; must be >= 0")
 

@@ -8,6 +8,8 @@ to
 `prediction_radius`: the certified radius of the *predicted* class (equal to `radius` on correct points; on
 incorrect ones, how robustly the model is wrong: seed paper Fig. 5). The record holds the certified accuracy
 at a list of radii (`config.certify.radii`, default eps * (0, 0.5, 1, 1.5, 2); radius 0 = clean accuracy).
+With interval bounds (`certify.method` ibp | both, the l_inf families) it also holds the certified accuracy by
+the margin alone and by IBP alone, at eps and at every radius, next to the method's own (`certify_method`).
 """
 
 from __future__ import annotations
@@ -79,6 +81,34 @@ def certified_accuracy_at(correct, radius, radii) -> dict[str, float]:
     return out
 
 
+def by_method_records(exp, results, radii) -> dict:
+    """With interval bounds (certify.method ibp | both): certified accuracy by the margin alone, by IBP alone
+    and combined, at certify.eps and at every radius; `certified_at` then holds the method's own figures
+    (combined for both: correct and margin radius > r, or IBP-certified at r)."""
+    if "ibp_certified_at" not in results:
+        return {}
+    correct = np.asarray(results["correct"], bool)
+    ibp_radii = exp.ibp_radii()
+    ibp_at = {}
+    for r in radii:
+        r = float(r)
+        key = f"{r:.6g}"
+        ibp_at[key] = correct if r == 0.0 else np.asarray(results["ibp_certified_at"])[:, ibp_radii.index(r)]
+    margin_at = certified_accuracy_at(correct, results["radius"], radii)
+    margin_hit = {f"{float(r):.6g}": correct & (np.asarray(results["radius"]) > float(r)) for r in radii}
+    combined = {
+        key: float(np.mean(ibp_at[key] if exp.certify_method == "ibp" else margin_hit[key] | ibp_at[key]))
+        for key in ibp_at
+    }
+    return {
+        "certified_accuracy_margin": float(np.mean(results["certified_margin"])),
+        "certified_accuracy_ibp": float(np.mean(results["certified_ibp"])),
+        "certified_at_margin": margin_at,
+        "certified_at_ibp": {key: float(np.mean(hit)) for key, hit in ibp_at.items()},
+        "certified_at": combined,
+    }
+
+
 def radii_of(config) -> list[float]:
     """config.certify.radii if given, else eps times DEFAULT_RADIUS_FACTORS (pixel units)."""
     radii = config.certify.get("radii", None)
@@ -105,7 +135,7 @@ def evaluate_checkpoint(workdir: str, which: str = "best", train_subset: int = 1
     manager.close()
 
     test_batches = pipeline.eval_batches(exp.sources.test, config.train.eval_batch_size)
-    results = exp.certify_batches(state.params, state.model_state, test_batches)
+    results = exp.certify_batches(state.params, state.model_state, test_batches, every_radius=True)
     clean = float(results["correct"].mean())
     certified = float(results["certified"].mean())
     bounds_report = dict(exp.last_bounds_report)
@@ -155,7 +185,9 @@ def evaluate_checkpoint(workdir: str, which: str = "best", train_subset: int = 1
         "train_certified_accuracy": train_eval["certified_accuracy"],
         "train_accuracy_last_epoch": float(saved_metrics.get("train_accuracy", float("nan"))),
         "num_test": int(len(results["label"])),
+        "certify_method": exp.certify_method,
         "certified_at": certified_accuracy_at(results["correct"], results["radius"], radii_of(config)),
+        **by_method_records(exp, results, radii_of(config)),
         # Families with measured bounds (LOT, LiResNet): certified accuracy under the bound the architecture
         # promises (e.g. exactly orthogonal layers) next to the measured one above, and the measured figures.
         **(
@@ -175,6 +207,11 @@ def evaluate_checkpoint(workdir: str, which: str = "best", train_subset: int = 1
         f"{config.certify.eps:.5f} ({record['num_test']} test images); train clean "
         f"{train_eval['clean_accuracy']:.4f}"
     )
+    if "certified_accuracy_ibp" in record:
+        console(
+            f"  certified by the margin {record['certified_accuracy_margin']:.4f}, by interval bounds "
+            f"{record['certified_accuracy_ibp']:.4f}, {exp.certify_method}: {certified:.4f}"
+        )
     if "certified_accuracy_assumed" in record:
         console(
             f"  measured Lipschitz bound of the body {bounds_report['lipschitz_body_measured']:.6f}"

@@ -1,7 +1,9 @@
 """Training losses, found by name (`config.loss.name`).
 
 Every loss has the signature `loss(logits, logit_scale, labels, schedule, loss_config) -> [B]` (per example;
-the trainer averages); `logit_scale` is the model's second output (LiResNet: its pair bound K ||w_i - w_j||).
+the trainer averages; with `loss.bound = "ibp"` the trainer also passes `logit_bounds=(lower, upper)`,
+interval bounds of the logits over the eps_train ball); `logit_scale` is the model's second output
+(LiResNet: its pair bound K ||w_i - w_j||).
 `schedule` holds the traced per-step values (`lam`, `eps_train` in normalised input units, ...), so changing
 them never recompiles.
 """
@@ -41,6 +43,39 @@ def mixture(logits, logit_scale, labels, schedule, loss_config):
     return hinge + schedule["lam"] * ce
 
 
+def hinge(logits, logit_scale, labels, schedule, loss_config, logit_bounds=None):
+    """l_inf-dist Net v1 loss (zbh2047/L_inf-dist-net main.py `hinge(mix)` with kappa 1, on the worst-case
+    margins of model/model.py + bound_module.py BoundFinalIdentity):
+
+    u_j >= z_j - z_y over the l_inf ball of radius eps_train, u_y = 0;
+    loss = mix * max_j relu(u_j) + (1 - mix) * mean_j relu(u_j)   (the mean over all C classes, u_y included).
+
+    loss_config.bound says where u comes from:
+    * "lipschitz" (the original's training): every raw logit is 1-Lipschitz in l_inf, so
+      u_j = (z_j + eps_train) - (z_y - eps_train) = z_j - z_y + 2 eps_train (the original passes no input
+      bounds in training, and its Model then takes logit +- eps as the bounds);
+    * "ibp": u_j = upper(z_j) - lower(z_y) from interval bounds through every layer (logit_bounds, given by
+      the trainer; certjax.bounds.margin_upper_bounds).
+    """
+    del logit_scale
+    mix = loss_config.get("mix", 0.75)
+    if loss_config.get("bound", "lipschitz") == "ibp":
+        if logit_bounds is None:
+            raise ValueError("loss.bound='ibp' needs the logit bounds from the model (certjax.bounds)")
+        from certjax.bounds import margin_upper_bounds
+
+        upper = margin_upper_bounds(*logit_bounds, labels)
+    else:
+        true_logit = jnp.take_along_axis(logits, labels[:, None], axis=1)
+        is_true = jax.nn.one_hot(labels, logits.shape[-1], dtype=bool)
+        upper = jnp.where(is_true, 0.0, logits - true_logit + 2.0 * schedule["eps_train"])
+    positive = jax.nn.relu(upper)
+    return mix * jnp.max(positive, axis=-1) + (1.0 - mix) * jnp.mean(positive, axis=-1)
+
+
+LOSS_BOUNDS = ("lipschitz", "ibp")
+
+
 def emma(logits, pair_bound, labels, schedule, loss_config):
     """EMMA-style margin loss of LiResNet (hu23 snapshot, margin_layer_v2): every other logit raised by what
     an eps_train perturbation can gain on it, z'_i = z_i + eps_train * K_yi (K_yi = K ||w_y - w_i||, the
@@ -75,7 +110,13 @@ def gloro_trades(logits, pair_bound, labels, schedule, loss_config):
     return ce + loss_config.get("trades_lambda", 1.0) * kl
 
 
-LOSSES = {"cross_entropy": cross_entropy, "mixture": mixture, "emma": emma, "gloro_trades": gloro_trades}
+LOSSES = {
+    "cross_entropy": cross_entropy,
+    "mixture": mixture,
+    "hinge": hinge,
+    "emma": emma,
+    "gloro_trades": gloro_trades,
+}
 
 
 def get_loss(name: str):

@@ -34,14 +34,16 @@ from clu import metrics as clu_metrics
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from certjax import bounds as interval_bounds
 from certjax import checkpoints, schedules
-from certjax.certify import get_certifier, pixel_radius_scale
+from certjax.certify import certify_method, get_certifier, pixel_radius_scale, round_up_float32
 from certjax.config_checks import check_config
 from certjax.data import pipeline
 from certjax.data.augment import normalize, random_crop_flip
 from certjax.losses import get_loss
 from certjax.models import get_family
 from certjax.models.layers import FLOAT32_ROUNDING
+from certjax.optimizers import adamw_lp
 from certjax.writers import MetricWriter, console
 
 
@@ -99,6 +101,12 @@ def learning_rate_schedule(opt_config, base_lr: float, total_steps: int, steps_p
         decay = optax.cosine_decay_schedule(base_lr, max(total_steps - warmup, 1))
     elif name == "constant":
         decay = optax.constant_schedule(base_lr)
+    elif name == "hold_cosine":
+        # l_inf-dist Net v1 (main.py create_schedule): constant for the first hold_fraction of the steps,
+        # then cosine to 0 over the rest
+        hold = int(round(opt_config.hold_fraction * total_steps)) - warmup
+        cosine = optax.cosine_decay_schedule(base_lr, max(total_steps - warmup - hold, 1))
+        decay = optax.join_schedules([optax.constant_schedule(base_lr), cosine], [hold])
     elif name == "multistep":
         boundaries = {
             int(round(f * total_steps)) - warmup: opt_config.get("gamma", 0.1)
@@ -106,7 +114,7 @@ def learning_rate_schedule(opt_config, base_lr: float, total_steps: int, steps_p
         }
         decay = optax.piecewise_constant_schedule(base_lr, boundaries)
     else:
-        raise ValueError(f"optimizer.schedule {name!r}; valid: cosine, constant, multistep")
+        raise ValueError(f"optimizer.schedule {name!r}; valid: cosine, constant, multistep, hold_cosine")
     if warmup:
         return optax.join_schedules([optax.linear_schedule(0.0, base_lr, warmup), decay], [warmup])
     return decay
@@ -127,12 +135,15 @@ def make_optimizer(opt_config, total_steps: int, steps_per_epoch: int):
                 eps=opt_config.eps,
                 weight_decay=opt_config.weight_decay if decay else 0.0,
             )
+        if opt_config.name == "adamw_lp":
+            decay_rate = opt_config.weight_decay if decay else 0.0
+            return adamw_lp(schedule, opt_config.b1, opt_config.b2, opt_config.eps, decay_rate)
         if opt_config.name == "sgd":
             chain = [optax.sgd(schedule, momentum=opt_config.get("momentum", 0.9))]
             if opt_config.weight_decay:
                 chain.insert(0, optax.add_decayed_weights(opt_config.weight_decay))
             return optax.chain(*chain)
-        raise ValueError(f"optimizer.name {opt_config.name!r}; valid: adam, adamw, sgd")
+        raise ValueError(f"optimizer.name {opt_config.name!r}; valid: adam, adamw, adamw_lp, sgd")
 
     scale_lr = opt_config.get("scale_lr", 0.0) or opt_config.lr
 
@@ -177,6 +188,8 @@ class Experiment:
         self.model = self.family.build(config.model, self.num_classes)
         self.loss_fn = get_loss(config.loss.name)
         self.certifier = get_certifier(self.family.THREAT_MODEL)
+        self.certify_method = certify_method(config, self.family)
+        self.valid_range = interval_bounds.valid_pixel_range(config.data.mean, config.data.std)
         self.input_scale = 1.0 / pixel_radius_scale(config.data.std)  # pixel eps -> normalised eps
         self.mesh = Mesh(np.asarray(jax.devices()), ("data",))
         self.replicated = NamedSharding(self.mesh, P())
@@ -209,6 +222,7 @@ class Experiment:
             self._train_step, donate_argnums=(0,), out_shardings=(self.state_sharding, self.replicated)
         )
         self.eval_step = jax.jit(self._eval_step, out_shardings=self.replicated)
+        self.ibp_step = jax.jit(self._ibp_step, out_shardings=self.replicated)
 
     # -- state
 
@@ -269,23 +283,31 @@ class Experiment:
         labels = batch["label"]
         loss_schedule = dict(schedule, eps_train=schedule["eps_train"] * self.input_scale)
 
+        train_on_bounds = self.config.loss.get("bound", "") == "ibp"
+        # the eps_train ball around the augmented images, within the valid pixel range (certjax.bounds)
+        box = self.input_box(images, loss_schedule["eps_train"]) if train_on_bounds else None
+
         def loss_of(params):
-            (logits, logit_scale), updates = self.model.apply(
+            outputs, updates = self.model.apply(
                 {"params": params, **state.model_state},
                 images,
                 schedule["p"],
                 train=True,
                 mutable=list(state.model_state.keys()),
                 rngs={"dropout": model_rng},
+                **({"box": box} if train_on_bounds else {}),
             )
-            losses = self.loss_fn(logits, logit_scale, labels, loss_schedule, self.config.loss)
+            logits, logit_scale = outputs[:2]
+            extra = {"logit_bounds": outputs[2]} if train_on_bounds else {}
+            losses = self.loss_fn(logits, logit_scale, labels, loss_schedule, self.config.loss, **extra)
             return jnp.mean(losses), (logits, updates)
 
         (loss, (logits, updates)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
         finite = jnp.isfinite(loss) & jnp.all(
             jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
         )
-        param_updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        # p_norm: the l_p weight decay of adamw_lp follows the model's current p (other optimisers ignore it)
+        param_updates, opt_state = self.tx.update(grads, state.opt_state, state.params, p_norm=schedule["p"])
         params = optax.apply_updates(state.params, param_updates)
         new_state = state.replace(
             step=state.step + 1, params=params, model_state=dict(updates), opt_state=opt_state
@@ -323,8 +345,36 @@ class Experiment:
                 + jnp.sqrt(jnp.sum(flat**2, axis=1))
             )
         else:
-            input_error = FLOAT32_ROUNDING * (2.0 / min(self.config.data.std) + jnp.max(flat, axis=1))
+            input_error = self._linf_input_error(images)
         return logits, input_error_gain * input_error + sum(op_errors)
+
+    def _linf_input_error(self, images):
+        """Per example: a bound of the l_inf error of the float32 normalisation (see _eval_step)."""
+        flat = jnp.abs(images).reshape(images.shape[0], -1)
+        return FLOAT32_ROUNDING * (2.0 / min(self.config.data.std) + jnp.max(flat, axis=1))
+
+    def input_box(self, images, eps_normalised, input_error=0.0):
+        """The l_inf ball of radius eps_normalised around normalised images (widened by input_error), within
+        the normalised images of pixel values [0, 1] (certjax.bounds.input_box)."""
+        low, high = (jnp.asarray(v) for v in self.valid_range)
+        return interval_bounds.input_box(images, eps_normalised, low, high, input_error)
+
+    def _ibp_step(self, params, model_state, batch, eps_normalised):
+        """Certified flags by interval bounds at p = inf over the eps ball (normalised units) around the exact
+        normalised images: the box is widened by the normalisation's rounding bound."""
+        images = self._inputs(batch["image"])
+        box = self.input_box(images, eps_normalised, self._linf_input_error(images))
+        logits, _, (lower, upper) = self.model.apply(
+            {"params": params, **model_state}, images, jnp.float32(jnp.inf), train=False, box=box
+        )
+        return interval_bounds.ibp_certified(logits, lower, upper, batch["label"])
+
+    def ibp_radii(self) -> list[float]:
+        """Pixel radii certified by interval bounds: certify.eps and every nonzero radius of certify.radii
+        (radius 0 is clean accuracy)."""
+        from certjax.evaluate import radii_of
+
+        return sorted({float(self.config.certify.eps)} | {r for r in radii_of(self.config) if r > 0})
 
     def certificate_bounds(self, params, model_state) -> dict:
         """The family's per-checkpoint bounds (cached evaluation variables, pair Lipschitz constants), or the
@@ -334,8 +384,12 @@ class Experiment:
             return {"variables": {}, "pair_lipschitz": None, "assumed_pair_lipschitz": None, "report": {}}
         return hook(self.model, {"params": params, **model_state})
 
-    def certify_batches(self, params, model_state, batches, bounds=None) -> dict[str, np.ndarray]:
-        """Per-example prediction / correct / radius / certified / label over an iterable of batches.
+    def certify_batches(
+        self, params, model_state, batches, bounds=None, every_radius: bool = False
+    ) -> dict[str, np.ndarray]:
+        """Per-example prediction / correct / radius / certified / label over an iterable of batches
+        (numpy arrays). bounds: precomputed certificate_bounds (the API computes them once); every_radius:
+        IBP flags at every radius of the record, not only at certify.eps.
 
         With a family's measured bounds, also `certified_assumed` (the bound the architecture promises, e.g.
         LOT's exactly orthogonal layers), and the bounds' report under the key "bounds" (not per example).
@@ -374,10 +428,30 @@ class Experiment:
                 result["radius_assumed"] = assumed["radius"]
             result["logit_error"] = logit_error
             result["label"] = labels
+            if self.certify_method != "margin":
+                # one IBP pass per radius: all of them for the results record, eps alone for the per-epoch
+                # evaluation in training
+                radii = self.ibp_radii() if every_radius else [float(self.config.certify.eps)]
+                self._add_ibp(result, params, model_state, batch, radii)
             outputs.append(jax.tree.map(lambda a, n=n: np.asarray(a)[:n], result))
         results = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
         self.last_bounds_report = bounds["report"]
         return results
+
+    def _add_ibp(self, result, params, model_state, batch, radii):
+        """IBP flags at every radius of `radii` ([B, R] `ibp_certified_at`), `certified_margin` /
+        `certified_ibp` at certify.eps, and `certified` by the configured method (both: either)."""
+        sharded = self.sharded_copy(batch)
+        flags = [
+            self.ibp_step(params, model_state, sharded, round_up_float32(r * self.input_scale)) for r in radii
+        ]
+        result["ibp_certified_at"] = jnp.stack(flags, axis=1)
+        result["certified_ibp"] = flags[radii.index(float(self.config.certify.eps))]
+        result["certified_margin"] = result["certified"]
+        if self.certify_method == "ibp":
+            result["certified"] = result["certified_ibp"]
+        else:
+            result["certified"] = result["certified_margin"] | result["certified_ibp"]
 
     @property
     def recalibrates_statistics(self) -> bool:

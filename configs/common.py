@@ -47,6 +47,9 @@ def get_common() -> ml_collections.ConfigDict:
 
     config.certify = ml_collections.ConfigDict()
     config.certify.eps = 8 / 255  # pixel units
+    # margin (Lipschitz margin) | ibp (interval bounds over the input box) | both (either proves it); the
+    # l_inf families default to both (certjax.bounds), the l_2 ones have margins only
+    config.certify.method = "margin"
 
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_epochs = 10

@@ -1,21 +1,27 @@
-"""l_inf-dist Net (v2 recipe, shared/RECIPES.md): depth 6, width 5120, 800 epochs, batch 512, eps 8/255.
+"""l_inf-dist Net (shared/RECIPES.md): depth 6, width 5120, 800 epochs, batch 512, eps 8/255.
 
-  python launch.py --config=configs/linf_dist.py --workdir=runs/linf_dist
-  python launch.py --config=configs/linf_dist.py:cifar100 --workdir=runs/linf_dist_c100
+  python launch.py --config=configs/linf_dist.py --workdir=runs/linf_dist          # v2 (the default)
+  python launch.py --config=configs/linf_dist.py:v1 --workdir=runs/linf_dist_v1    # ICML'21 recipe
+  python launch.py --config=configs/linf_dist.py:v2,cifar100 --workdir=runs/linf_dist_c100
   python launch.py --config=configs/linf_dist.py:demo --workdir=runs/demo      # CPU, minutes, offline
 
-Variants (comma separated): "cifar100", "demo" (embedded 5k/1k CIFAR-10 sample, small net, few epochs).
+Variants (comma separated): "v2" (default: zbh2047/L_inf-dist-net-v2, Adam, mixture loss) or "v1"
+(zbh2047/L_inf-dist-net, the recipe of the seed paper's Table 1 row: its l_p AdamW, lr held then cosine,
+hinge loss on worst-case margins), "cifar100", "demo" (embedded 5k/1k CIFAR-10 sample, small net, few epochs).
+Both certify by the margin and by interval bounds (certify.method = "both").
 """
 
 from __future__ import annotations
 
 from configs.common import get_common, parse_variant, use_cifar100_linf, use_demo_data
 
-VARIANTS = {"cifar100", "demo"}
+VARIANTS = {"v1", "v2", "cifar100", "demo"}
 
 
 def get_config(arg: str = ""):
     parts = parse_variant(arg, VARIANTS)
+    if {"v1", "v2"} <= parts:
+        raise ValueError("choose one of 'v1' and 'v2'")
     config = get_common()
     config.family = "linf_dist"
     config.variant = arg or ""
@@ -26,14 +32,29 @@ def get_config(arg: str = ""):
         name="linf_dist", depth=6, width=5120, identity_init=True, identity_narrowing=False, kernel="auto"
     )
 
-    # One std for all channels keeps l_inf balls l_inf balls (v2 train.py).
+    # One std for all channels keeps l_inf balls l_inf balls (v2 train.py, v1 dataset.py).
     config.data.std = (0.2009, 0.2009, 0.2009)
-    config.augment.pad = 3
-    config.augment.pad_mode = "edge"
-
     config.train.epochs = 800
     config.train.batch_size = 512
+    config.certify.eps = 8 / 255
+    config.certify.method = "both"
+    config.checkpoint.every_epochs = 20
+    if "v1" in parts:
+        _v1(config)
+    else:
+        _v2(config)
 
+    if "cifar100" in parts:
+        use_cifar100_linf(config)
+    if "demo" in parts:
+        use_demo_data(config, depth=5, width=256)
+    return config
+
+
+def _v2(config) -> None:
+    """zbh2047/L_inf-dist-net-v2: Adam 0.03 (scale 0.006) cosine, mixture loss with eps_train 24/255."""
+    config.augment.pad = 3
+    config.augment.pad_mode = "edge"
     config.optimizer = dict(
         name="adam",
         lr=0.03,
@@ -51,11 +72,40 @@ def get_config(arg: str = ""):
     config.p_schedule = dict(
         enabled=True, p_start=8.0, p_end=1000.0, start_fraction=100 / 1300, end_fraction=1250 / 1300
     )
-    config.certify.eps = 8 / 255
-    config.checkpoint.every_epochs = 20
 
-    if "cifar100" in parts:
-        use_cifar100_linf(config)
-    if "demo" in parts:
-        use_demo_data(config, depth=5, width=256)
-    return config
+
+def _v1(config) -> None:
+    """zbh2047/L_inf-dist-net, command/ell_inf_dist_net_cifar10.sh: --model 'MLP(depth=6,width=5)' --loss
+    'hinge(mix=0.75)' --p-start 8 --p-end 1000 --epochs 0,100,0,750,800 --kappa 1.0 --eps-train 0.1568 -b 512
+    --lr 0.02 --wd 5e-3 (main.py defaults: betas 0.9, 0.99, eps 1e-10).
+
+    Model: model/mlp.py MLP = 5 NormDist 3072 -> 5120 (mean shift, no bias) and NormDist 5120 -> 10 (bias);
+    logits -distance; model/norm_dist.py initialises N(0, 1) with w[i, i mod in] = -10 where in <= out,
+    bias 0, running means 0 with momentum 0.1: v2's module (the logit scale is unused by the hinge).
+    Data (dataset.py): one std 0.2009, random crop 32 with padding 4 (zeros) and flip.
+    """
+    config.augment.pad = 4
+    config.augment.pad_mode = "constant"
+    # adamw.py: Adam plus a decoupled weight decay along the gradient of (1/2)||row||_p^2 at the current p
+    # (certjax.optimizers); main.py create_schedule: lr constant for epochs 0-100, cosine to 0 over 100-800.
+    config.optimizer = dict(
+        name="adamw_lp",
+        lr=0.02,
+        scale_lr=0.0,
+        b1=0.9,
+        b2=0.99,
+        eps=1e-10,
+        weight_decay=5e-3,
+        schedule="hold_cosine",
+        hold_fraction=100 / 800,
+        warmup_epochs=0,
+        clip_norm=0.0,
+    )
+    # eps_train 0.1568 (40/255) from the first step: epoch2 = 0 makes the eps ramp of create_schedule empty.
+    # bound: "lipschitz" is the original's training (Model adds +-eps to the logits when the feature
+    # network returns no bounds, model/model.py); "ibp" trains on interval bounds through every layer.
+    config.loss = dict(name="hinge", mix=0.75, eps_train=0.1568, bound="lipschitz")
+    # p = 8 for epochs 0-100, geometric to 1000 over 100-750, inf for 750-800 (scaled with train.epochs).
+    config.p_schedule = dict(
+        enabled=True, p_start=8.0, p_end=1000.0, start_fraction=100 / 800, end_fraction=750 / 800
+    )

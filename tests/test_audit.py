@@ -58,6 +58,10 @@ def test_linf_audit_breaks_nothing(tiny_linf):
     assert report["certified_points"] >= 5, "the tiny model certifies too few points for a meaningful audit"
     assert report["broken"] == 0 and report["margin_drop_violations"] == 0 and report["sound"]
     assert report["certified_accuracy"] <= report["pgd_accuracy"] <= report["clean_accuracy"]
+    # certify.method "both": every IBP certificate was attacked as well, and none broke
+    assert report["certified_points_ibp"] >= 5 and report["broken_ibp"] == 0
+    by_method = (report["certified_points_ibp"], report["certified_points_margin"])
+    assert report["certified_points"] >= max(by_method)
     lipschitz = report["lipschitz"]
     assert lipschitz["max_ratio_to_bound"] <= 1 + audit.RATIO_TOLERANCE
     # l_inf-dist logits are 1-Lipschitz with a one-hot gradient: gradient-aligned pairs reach the bound

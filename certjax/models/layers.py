@@ -42,12 +42,14 @@ class MeanShift(nn.Module):
     momentum: float = 0.1  # PyTorch convention: running = (1 - momentum) * running + momentum * batch_mean
 
     @nn.compact
-    def __call__(self, x, *, train: bool, stat_mask=None):
+    def __call__(self, x, *, train: bool, stat_mask=None, interval=None):
+        """interval: optional (lower, upper) bounds of x; then returns (shifted x, shifted bounds), the same
+        mean (the batch mean of x in training, the running mean at evaluation) taken off both ends."""
         running_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(x.shape[1:], jnp.float32))
         if not train:
             shifted = x - running_mean.value
             sow_rounding_error(self, shifted)
-            return shifted
+            return _with_interval(shifted, interval, -running_mean.value)
         if stat_mask is None:
             batch_mean = jnp.mean(x, axis=0)
         else:
@@ -59,7 +61,16 @@ class MeanShift(nn.Module):
             self.sow("batch_means", "mean", batch_mean)
         if not self.is_initializing():
             running_mean.value = (1.0 - self.momentum) * running_mean.value + self.momentum * batch_mean
-        return x - batch_mean
+        return _with_interval(x - batch_mean, interval, -batch_mean)
+
+
+def _with_interval(y, interval, shift):
+    """y alone, or (y, the interval shifted by `shift` and rounded outward) when an interval is given."""
+    if interval is None:
+        return y
+    from certjax.bounds import shift_bounds  # bounds imports nothing from the models
+
+    return y, shift_bounds(*interval, shift)
 
 
 # ---------------------------------------------------------------------------------------- l_2 building blocks

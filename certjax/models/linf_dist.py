@@ -14,10 +14,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from certjax import bounds
 from certjax.kernels.linf_dist import lp_distance
 from certjax.models.layers import MeanShift, sow_rounding_error
 
 THREAT_MODEL = "linf"
+INTERVAL_BOUNDS = True  # apply(..., box=(lower, upper)) also returns logit bounds (certjax.bounds)
 
 
 def identity_init(scale: float = -10.0):
@@ -53,19 +55,30 @@ class DistLayer(nn.Module):
     distance_kernel: str = "auto"  # implementation of the distance, certjax.kernels.linf_dist.KERNELS
 
     @nn.compact
-    def __call__(self, x, p, *, train: bool, stat_mask=None):
+    def __call__(self, x, p, *, train: bool, stat_mask=None, interval=None):
+        """y [B, O]; with interval = (lower, upper) bounds of x, returns (y, (lower, upper) bounds of y)
+        (certjax.bounds: the same mean shift and bias on both ends, rounded outward)."""
         in_features = x.shape[-1]
         use_identity = self.identity and (in_features <= self.features or self.identity_narrowing)
         init = identity_init() if use_identity else nn.initializers.normal(1.0)
         w = self.param("kernel", init, (self.features, in_features))
         y = lp_distance(x, w, p, kernel=self.distance_kernel)
         sow_rounding_error(self, y)  # |x_i - w_i| rounds once; the max itself is exact
+        if interval is not None:
+            interval = bounds.lp_distance_bounds(
+                *interval,
+                w,
+                p,
+            )
         if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,))
+            bias = self.param("bias", nn.initializers.zeros, (self.features,))
+            y = y + bias
             sow_rounding_error(self, y)
+            if interval is not None:
+                interval = bounds.shift_bounds(*interval, bias)
         if self.mean_shift:
-            y = MeanShift()(y, train=train, stat_mask=stat_mask)
-        return y
+            return MeanShift()(y, train=train, stat_mask=stat_mask, interval=interval)
+        return y if interval is None else (y, interval)
 
 
 class LinfDistNet(nn.Module):
@@ -83,21 +96,29 @@ class LinfDistNet(nn.Module):
     distance_kernel: str = "auto"  # "auto" | "pallas" | "jnp" | "interpret" (config.model.kernel)
 
     @nn.compact
-    def __call__(self, x, p=jnp.inf, *, train: bool = False):
+    def __call__(self, x, p=jnp.inf, *, train: bool = False, box=None):
+        """box: optional (lower, upper) of the inputs' shape; then also returns interval bounds of the raw
+        logits, (z, s, (z_lower, z_upper)), from interval bound propagation (certjax.bounds)."""
         h = x.reshape(x.shape[0], -1)
+        interval = None if box is None else tuple(b.reshape(b.shape[0], -1) for b in box)
         for _ in range(self.depth - 1):
-            h = DistLayer(
+            layer = DistLayer(
                 self.width,
                 mean_shift=True,
                 identity=self.identity_init,
                 identity_narrowing=self.identity_narrowing,
                 distance_kernel=self.distance_kernel,
-            )(h, p, train=train)
-        y = DistLayer(
+            )
+            out = layer(h, p, train=train, interval=interval)
+            h, interval = (out, None) if box is None else out
+        last = DistLayer(
             self.num_classes, use_bias=True, mean_shift=False, distance_kernel=self.distance_kernel
-        )(h, p, train=train)
+        )
         scale = self.param("logit_scale", nn.initializers.ones, ())
-        return -y, scale
+        if box is None:
+            return -last(h, p, train=train), scale
+        y, (lower, upper) = last(h, p, train=train, interval=interval)
+        return -y, scale, (-upper, -lower)
 
 
 def build(model_config, num_classes: int) -> nn.Module:

@@ -32,12 +32,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from certjax import bounds
 from certjax.kernels.linf_dist import lp_distance, masked_lp_distance
 from certjax.kernels.sort_neuron import sort_distance, sort_weights
 from certjax.models.layers import MeanShift, sow_rounding_error
 from certjax.models.linf_dist import DistLayer
 
 THREAT_MODEL = "linf"
+INTERVAL_BOUNDS = True  # apply(..., box=(lower, upper)) also returns logit bounds (certjax.bounds)
 DROPOUT_GROUP = 32  # samples sharing one dropout subset (zbh2047/SortNet SUB_BATCH)
 MODES = ("dropout", "exact")
 
@@ -68,10 +70,14 @@ class SortLayer(nn.Module):
     distance_kernel: str = "auto"  # l_p / masked distances: certjax.kernels.linf_dist.KERNELS
 
     @nn.compact
-    def __call__(self, x, p, *, train: bool, in_mask=None, stat_mask=None):
+    def __call__(self, x, p, *, train: bool, in_mask=None, stat_mask=None, interval=None):
+        """y [B, O]; with interval = (lower, upper) bounds of x, (y, bounds of y) (certjax.bounds): the
+        l_p / masked distance's bounds where y is that distance, else the sort neuron's."""
         w = self.param("kernel", nn.initializers.normal(1.0), (self.features, x.shape[-1]))
         if in_mask is not None:
             y = masked_lp_distance(x, w, in_mask, p, kernel=self.distance_kernel)
+            if interval is not None:
+                interval = bounds.lp_distance_bounds(*interval, w, p, mask=in_mask)
         else:
             weights = jnp.asarray(float32_sort_weights(self.q, x.shape[-1]))
             # the sort neuron's top-K stays on jax.lax.top_k on every backend (no Pallas kernel)
@@ -82,12 +88,21 @@ class SortLayer(nn.Module):
             )
             # |x_i - w_i| rounds once per term, c_k s_k once, and the K-term sum K - 1 times: <= (K + 1) u y.
             sow_rounding_error(self, y * (len(weights) + 1))
+            if interval is not None:
+                interval = jax.lax.cond(
+                    jnp.isinf(p),
+                    lambda: bounds.sort_distance_bounds(*interval, w, weights),
+                    lambda: bounds.lp_distance_bounds(*interval, w, p),
+                )
         if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,))
+            bias = self.param("bias", nn.initializers.zeros, (self.features,))
+            y = y + bias
             sow_rounding_error(self, y)
+            if interval is not None:
+                interval = bounds.shift_bounds(*interval, bias)
         if self.mean_shift:
-            y = MeanShift()(y, train=train, stat_mask=stat_mask)
-        return y
+            return MeanShift()(y, train=train, stat_mask=stat_mask, interval=interval)
+        return y if interval is None else (y, interval)
 
 
 class SortNet(nn.Module):
@@ -99,11 +114,13 @@ class SortNet(nn.Module):
     distance_kernel: str = "auto"  # "auto" | "pallas" | "jnp" | "interpret" (config.model.kernel)
 
     @nn.compact
-    def __call__(self, x, p=jnp.inf, *, train: bool = False, dropout: bool | None = None):
+    def __call__(self, x, p=jnp.inf, *, train: bool = False, dropout: bool | None = None, box=None):
         """Returns (raw logits z, each 1-Lipschitz in l_inf at p = inf, logit scale s).
 
         dropout: None = the configured mode in training, never at evaluation; False forces the deterministic
         path (used to recompute running means).
+        box: optional (lower, upper) of the inputs' shape; then returns (z, s, (z_lower, z_upper)), interval
+        bounds of the raw logits over the box (certjax.bounds), of the same path (dropout subsets included).
         """
         if self.mode not in MODES:
             raise ValueError(f"model.mode {self.mode!r}; valid: {MODES}")
@@ -115,20 +132,33 @@ class SortNet(nn.Module):
         if use_dropout and self.q < 1.0 and not self.is_initializing():
             rngs = jax.random.split(self.make_rng("dropout"), len(sizes))
             masks = [dropout_mask(r, batch, n, self.q) for r, n in zip(rngs, sizes, strict=True)]
-        h = DistLayer(self.width, mean_shift=True, distance_kernel=self.distance_kernel)(
-            h, p, train=train, stat_mask=masks[0]
+        interval = None if box is None else tuple(b.reshape(b.shape[0], -1) for b in box)
+        out = DistLayer(self.width, mean_shift=True, distance_kernel=self.distance_kernel)(
+            h, p, train=train, stat_mask=masks[0], interval=interval
         )
+        h, interval = (out, None) if box is None else out
         for layer in range(1, self.depth):
             last = layer == self.depth - 1
-            h = SortLayer(
+            out = SortLayer(
                 self.num_classes if last else self.width,
                 q=self.q,
                 use_bias=last,
                 mean_shift=not last,
                 distance_kernel=self.distance_kernel,
-            )(h, p, train=train, in_mask=masks[layer - 1], stat_mask=None if last else masks[layer])
+            )(
+                h,
+                p,
+                train=train,
+                in_mask=masks[layer - 1],
+                stat_mask=None if last else masks[layer],
+                interval=interval,
+            )
+            h, interval = (out, None) if box is None else out
         scale = self.param("logit_scale", nn.initializers.ones, ())
-        return -h, scale
+        if box is None:
+            return -h, scale
+        lower, upper = interval
+        return -h, scale, (-upper, -lower)
 
 
 def build(model_config, num_classes: int) -> nn.Module:

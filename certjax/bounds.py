@@ -1,0 +1,254 @@
+"""Interval bounds (IBP) through the layers of the l_inf families, rounded outward in float32.
+
+For an input box [l, u] (elementwise) and a weight row w, every term of an l_p-dist neuron ranges over
+
+    |x_i - w_i|  in  [dist(w_i, [l_i, u_i]),  max(|l_i - w_i|, |u_i - w_i|)]
+                      = [max(l_i - w_i, w_i - u_i, 0), ...]
+
+and ||.||_p (any p, inf included) and the sort neuron (non-negative weights on order statistics) are
+monotone in every |x_i - w_i|, so the neuron's output lies in [N(lo), N(hi)] (zbh2047/L_inf-dist-net
+model/norm_dist.py `inf_dist_bound`; zbh2047/SortNet core/cuda/bound_inf_dist_cuda.cu; shared/RECIPES.md).
+Mean shift and bias add the same number to both ends; the last layer's logits are z = -y, so
+z in [-hi, -lo].
+
+Both ends come from one pass over blocks of output units (`lax.map`), as in the l_p-dist forward
+(certjax/kernels/linf_dist.py: an unblocked [B, O, I] difference asked for 55 GB at width 5120): no
+[B, O, I] tensor is ever held, only [B, block, I] pieces bounded by `_BLOCK_ELEMENTS`. Gradients flow through
+both ends (the v1 loss can train on them): a `jax.custom_vjp` whose backward recomputes each block under
+`jax.vjp`, so the backward is blocked the same way.
+
+Rounding. Every end is rounded outward so that it contains the exact real-number bound of the float32
+inputs:
+* p = inf: each term is one float32 subtraction (and an exact abs / max); round-to-nearest keeps the sign and
+  is within half an ulp, and the max over i is exact, so one `nextafter` outward after the reduction covers it
+  (lo: max_i fl(s_i) rounded down is <= max_i s_i; hi likewise upward).
+* the sort neuron: order statistics are exact, the K-term weighted sum of non-negative values rounds at most
+  2K + 2 times: a relative allowance of (2K + 4) u on each end (u = 2^-24), then `nextafter`.
+* finite p (training only; certification is always at p = inf): ||d||_p = m (sum_i (d_i/m)^p)^(1/p) with
+  exp2 / log2. With those accurate to 4 ulp each term's absolute error is below 4u (x 2^-x <= 1/e for
+  x = p log2(m/d_i)), the sum is >= 1 (the term of the max is exactly 1), so its relative error is below
+  (5 n + 8) u and the p-th root divides that by p: allowance ((5 n + 8) / p + 16) u. Tested against float64.
+`_round_down` / `_round_up` also step by the smallest normal float, which covers results flushed to zero.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from certjax.certify import rounding_slack
+
+UNIT_ROUNDOFF = 2.0**-24
+_TINY = float(np.finfo(np.float32).tiny)
+# Elements of one [B, block, I] piece. The bound's backward keeps a few such buffers alive (differences,
+# their abs, masks of the max): 2^24 float32 = 64 MB each keeps that well under a GB.
+_BLOCK_ELEMENTS = 1 << 24
+
+
+def _round_down(x):
+    return jnp.minimum(jnp.nextafter(x, jnp.float32(-jnp.inf)), x - _TINY)
+
+
+def _round_up(x):
+    return jnp.maximum(jnp.nextafter(x, jnp.float32(jnp.inf)), x + _TINY)
+
+
+def _outward(lower, upper, relative):
+    """[lower, upper] widened by a relative allowance (traced scalar) and rounded outward; no gradient
+    through the rounding itself (the allowance is a tiny multiple of the value)."""
+    lo = lower - relative * jnp.abs(lower)
+    hi = upper + relative * jnp.abs(upper)
+    return _rounded(lo, _round_down), _rounded(hi, _round_up)
+
+
+def _rounded(x, rounding):
+    """rounding(x) with the gradient of x (nextafter has no derivative; the step is one ulp)."""
+    frozen = jax.lax.stop_gradient(x)
+    return x + (rounding(frozen) - frozen)
+
+
+def round_outward(lower, upper):
+    """One float32 operation's rounding covered: each end one ulp (and at least the smallest normal) out."""
+    return _outward(lower, upper, 0.0)
+
+
+def _term_bounds(lower, upper, w_block, mask):
+    """[B, block, I] lower and upper bounds of |x_i - w_i| over x in [lower, upper] (times mask)."""
+    below = lower[:, None, :] - w_block[None, :, :]  # l_i - w_i
+    above = upper[:, None, :] - w_block[None, :, :]  # u_i - w_i
+    lo = jnp.maximum(jnp.maximum(below, -above), 0.0)
+    hi = jnp.maximum(jnp.abs(below), jnp.abs(above))
+    if mask is not None:
+        lo = lo * mask[:, None, :]
+        hi = hi * mask[:, None, :]
+    return lo, hi
+
+
+def _lp_norm_of_terms(d, p):
+    """||d||_p over the last axis for d >= 0, p a traced scalar (inf allowed); the numerics of the l_p-dist
+    forward (largest term factored out, powers as exp2 / log2, ratios floored at the smallest normal so that
+    the gradient stays finite at d = 0)."""
+    m = jnp.max(d, axis=-1)
+
+    def finite():
+        safe_m = jnp.where(m > 0, m, 1.0)
+        ratio = jnp.maximum(d / safe_m[..., None], _TINY)
+        safe_p = jnp.where(jnp.isinf(p), 2.0, p)
+        total = jnp.sum(jnp.exp2(safe_p * jnp.log2(ratio)), axis=-1)
+        return jnp.where(m > 0, safe_m * jnp.exp2(jnp.log2(total) / safe_p), 0.0)
+
+    return jax.lax.cond(jnp.isinf(p), lambda: m, finite)
+
+
+def _sort_of_terms(d, weights):
+    values, _ = jax.lax.top_k(d, weights.shape[0])
+    return jnp.sum(values * weights, axis=-1)
+
+
+def _unit_block(batch: int, size: int, out: int) -> int:
+    largest = int(max(1, min(out, _BLOCK_ELEMENTS // max(batch * size, 1))))
+    blocks = -(-out // largest)
+    return -(-out // blocks)
+
+
+def _blocked(block_fn, lower, upper, w, extra):
+    """(lo, hi) [B, O] of block_fn(lower, upper, w_block, extra) over blocks of output units; differentiable
+    in lower, upper and w with a backward blocked the same way."""
+    batch, size = lower.shape
+    out = w.shape[0]
+    block = _unit_block(batch, size, out)
+    pad = (-out) % block
+    blocks = (out + pad) // block
+
+    def split(w):
+        return jnp.pad(w, ((0, pad), (0, 0))).reshape(blocks, block, size)
+
+    def join(y):  # [blocks, B, block] -> [B, O]
+        return y.transpose(1, 0, 2).reshape(batch, -1)[:, :out]
+
+    def unjoin(g):  # [B, O] -> [blocks, B, block]
+        return jnp.pad(g, ((0, 0), (0, pad))).reshape(batch, blocks, block).transpose(1, 0, 2)
+
+    @jax.custom_vjp
+    def run(lower, upper, w, extra):
+        lo, hi = jax.lax.map(lambda w_b: block_fn(lower, upper, w_b, extra), split(w))
+        return join(lo), join(hi)
+
+    def forward(lower, upper, w, extra):
+        return run(lower, upper, w, extra), (lower, upper, w, extra)
+
+    def backward(residuals, cotangents):
+        lower, upper, w, extra = residuals
+        g_lo, g_hi = cotangents
+
+        def one_block(args):
+            w_b, g_lo_b, g_hi_b = args
+            _, pullback = jax.vjp(lambda lo, hi, wb: block_fn(lo, hi, wb, extra), lower, upper, w_b)
+            return pullback((g_lo_b, g_hi_b))
+
+        g_l, g_u, g_w = jax.lax.map(one_block, (split(w), unjoin(g_lo), unjoin(g_hi)))
+        zero_extra = jax.tree.map(jnp.zeros_like, extra)
+        return g_l.sum(0), g_u.sum(0), g_w.reshape(-1, size)[:out], zero_extra
+
+    run.defvjp(forward, backward)
+    return run(lower, upper, w, extra)
+
+
+def _check(lower, upper, w, mask=None):
+    if lower.ndim != 2 or lower.shape != upper.shape or w.ndim != 2 or w.shape[1] != lower.shape[1]:
+        raise ValueError(
+            f"interval bounds expect lower, upper [B, I] and w [O, I]; got {lower.shape}, {upper.shape}, "
+            f"{w.shape}"
+        )
+    if mask is not None and mask.shape != lower.shape:
+        raise ValueError(f"mask must have the shape of the inputs {lower.shape}, got {mask.shape}")
+
+
+def lp_distance_bounds(lower, upper, w, p, mask=None):
+    """Bounds of ||x - w[o]||_p (times mask) over x in [lower, upper]: (lo, hi), each [B, O], rounded
+    outward (module docstring). p: traced scalar, jnp.inf for l_inf."""
+    _check(lower, upper, w, mask)
+    p = jnp.asarray(p, jnp.float32)
+
+    def block_fn(low, high, w_b, extra):
+        p, mask = extra
+        lo_terms, hi_terms = _term_bounds(low, high, w_b, mask)
+        return _lp_norm_of_terms(lo_terms, p), _lp_norm_of_terms(hi_terms, p)
+
+    lo, hi = _blocked(block_fn, lower, upper, w, (p, mask))
+    size = lower.shape[1]
+    relative = jnp.where(jnp.isinf(p), 0.0, ((5.0 * size + 8.0) / p + 16.0) * UNIT_ROUNDOFF)
+    lo, hi = _outward(lo, hi, relative)
+    return jnp.maximum(lo, 0.0), hi
+
+
+def sort_distance_bounds(lower, upper, w, weights):
+    """Bounds of the sort neuron sum_k weights[k] (k-th largest |x_i - w[o, i]|) over x in [lower, upper]:
+    monotone in every |x_i - w_i| (weights >= 0), so it is the neuron of the term bounds. Rounded outward."""
+    _check(lower, upper, w)
+    weights = jnp.asarray(weights, jnp.float32)
+    if weights.shape[0] > lower.shape[1]:
+        raise ValueError(f"{weights.shape[0]} sort terms but only {lower.shape[1]} inputs")
+
+    def block_fn(low, high, w_b, weights):
+        lo_terms, hi_terms = _term_bounds(low, high, w_b, None)
+        return _sort_of_terms(lo_terms, weights), _sort_of_terms(hi_terms, weights)
+
+    lo, hi = _blocked(block_fn, lower, upper, w, weights)
+    lo, hi = _outward(lo, hi, (2.0 * weights.shape[0] + 4.0) * UNIT_ROUNDOFF)
+    return jnp.maximum(lo, 0.0), hi
+
+
+def shift_bounds(lower, upper, shift):
+    """[lower + shift, upper + shift] (bias, or minus a mean-shift mean), rounded outward."""
+    return round_outward(lower + shift, upper + shift)
+
+
+def input_box(images, eps, valid_lower, valid_upper, input_error=0.0):
+    """The l_inf ball of radius eps (normalised units) around normalised images, widened by input_error (a
+    bound of the float32 error of the normalisation, per example or scalar) and intersected with the valid
+    pixel range [valid_lower, valid_upper] (per channel, the normalised images of 0 and 1, already rounded
+    outward). Returns (lower, upper) of the images' shape, rounded outward."""
+    error = jnp.reshape(jnp.asarray(input_error, jnp.float32), (-1,) + (1,) * (images.ndim - 1))
+    radius = _round_up(eps + error)  # the sum rounds too: never below eps + input_error
+    lower = _round_down(images - radius)
+    upper = _round_up(images + radius)
+    return jnp.maximum(lower, valid_lower), jnp.minimum(upper, valid_upper)
+
+
+def valid_pixel_range(mean, std):
+    """Normalised images of pixel values 0 and 1, per channel: float64, rounded outward to float32."""
+    mean = np.asarray(mean, np.float64)
+    std = np.asarray(std, np.float64)
+    low = (0.0 - mean) / std
+    high = (1.0 - mean) / std
+    low32 = np.nextafter(low.astype(np.float32), np.float32(-np.inf))
+    high32 = np.nextafter(high.astype(np.float32), np.float32(np.inf))
+    return low32, high32
+
+
+def margin_upper_bounds(logit_lower, logit_upper, labels):
+    """u[b, j] >= z_j - z_y over the box: upper(z_j) - lower(z_y), with u[b, y] = 0 (the original's
+    BoundFinalIdentity), rounded up."""
+    true_lower = jnp.take_along_axis(logit_lower, labels[:, None], axis=1)
+    gap = logit_upper - true_lower
+    gap = _rounded(gap, _round_up)
+    is_true = jax.nn.one_hot(labels, logit_upper.shape[-1], dtype=bool)
+    return jnp.where(is_true, 0.0, gap)
+
+
+@jax.jit
+def ibp_certified(logits, logit_lower, logit_upper, labels):
+    """Certified by interval bounds: the clean prediction is correct and lower(z_y) - upper(z_j) exceeds the
+    margin certifier's rounding slack for every j != y (strict, so ties are never certified).
+
+    The bounds contain the exact-arithmetic network over the box; the slack (certjax.certify.rounding_slack,
+    the allowance the margin certificate makes for float32 logits) keeps the float32 network that an
+    attacker evaluates inside them as well."""
+    correct = jnp.argmax(logits, axis=-1) == labels
+    true_lower = jnp.take_along_axis(logit_lower, labels[:, None], axis=1)
+    is_true = jax.nn.one_hot(labels, logits.shape[-1], dtype=bool)
+    gap = true_lower - logit_upper - rounding_slack(true_lower, logit_upper)
+    gap = jnp.where(is_true, jnp.inf, gap)
+    return correct & (jnp.min(gap, axis=-1) > 0.0)
