@@ -13,7 +13,9 @@ last one padded), so its numbers equal evaluation's bit for bit (tests/test_api.
 
 `radius` is the certified radius of the *predicted* class in pixel units ([0, 1] scale): no perturbation of
 l_p norm (the family's threat model) <= radius changes the prediction. `certified` = radius > eps (eps in
-pixel units, the checkpoint's `certify.eps` by default). With labels, `correct` = prediction == label; a point
+pixel units, the checkpoint's `certify.eps` by default), or, for the l_inf families with
+`certify.method = both | ibp`, the interval-bound certificate of the predicted class at eps as evaluation
+computes it (then `certified_margin` and `certified_ibp` are returned as well). With labels, `correct` = prediction == label; a point
 counts for certified accuracy when correct and certified (evaluation's `certified`); evaluation's `radius`
 (of the true class) is radius on correct points and 0 on the others.
 """
@@ -135,16 +137,40 @@ class CertifiedModel:
             labels = np.zeros(len(images), np.int32)  # any class: only prediction_radius is used below
         results = self._run(images, labels, progress)
         radius = results["prediction_radius"]
+        prediction = results["prediction"].astype(np.int32)
         out = {
-            "prediction": results["prediction"].astype(np.int32),
+            "prediction": prediction,
             "radius": radius,
             # the comparison certify_from_margins makes: float32 radius > eps rounded up to float32
             "certified": radius > round_up_float32(eps),
         }
+        method = self._exp.certify_method
+        if method != "margin":  # l_inf families: interval bounds at eps too, as evaluation certifies
+            out["certified_margin"] = out["certified"]
+            out["certified_ibp"] = self._ibp_certified(images, prediction, eps)
+            out["certified"] = (
+                out["certified_ibp"] if method == "ibp" else out["certified_margin"] | out["certified_ibp"]
+            )
         if given:
             out["label"] = labels
             out["correct"] = results["correct"]
         return out
+
+    def _ibp_certified(self, images, prediction, eps: float) -> np.ndarray:
+        """Interval-bound certificates of the predicted class over the l_inf box of radius eps (pixel units),
+        by the step evaluation uses (Experiment.ibp_step)."""
+        exp, flags = self._exp, []
+        variables = {**self._model_state, **self._bounds["variables"]}
+        radius = round_up_float32(eps * exp.input_scale)
+        for start in range(0, len(images), self.batch_size):
+            image, label = images[start : start + self.batch_size], prediction[start : start + self.batch_size]
+            n, pad = len(image), self.batch_size - len(image)
+            if pad:
+                image = np.concatenate([image, np.repeat(image[:1], pad, 0)])
+                label = np.concatenate([label, np.repeat(label[:1], pad, 0)])
+            batch = exp.sharded_copy({"image": image, "label": label})
+            flags.append(np.asarray(exp.ibp_step(self._params, variables, batch, radius))[:n])
+        return np.concatenate(flags) if flags else np.zeros(0, bool)
 
     def logits(self, images) -> np.ndarray:
         """The certifying forward's logits [N, num_classes] (float32), those `certify` compares."""

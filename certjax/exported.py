@@ -147,6 +147,7 @@ class ExportedModel:
             raise ValueError("no images to certify (an empty batch)")
         prediction = np.concatenate([p for p, _ in parts])
         radius = np.concatenate([r for _, r in parts])
+        # the margin certificate (the l_inf families' interval bounds need the model code: certjax.restore)
         out = {"prediction": prediction, "radius": radius, "certified": radius > round_up_float32(eps)}
         if labels is not None:
             labels = np.asarray(labels)

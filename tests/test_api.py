@@ -55,7 +55,10 @@ def test_api_equals_evaluate_bit_for_bit(tiny_run, family):
     # without labels: the same predictions and radii; another eps only moves the threshold
     plain = model.certify(images[:300], eps=2 * model.info["eps"])
     np.testing.assert_array_equal(plain["radius"], out["radius"][:300])
-    np.testing.assert_array_equal(plain["certified"], out["radius"][:300] > np.float32(2 * model.info["eps"]))
+    margin = plain.get("certified_margin", plain["certified"])  # l_inf families: IBP certifies as well
+    np.testing.assert_array_equal(margin, out["radius"][:300] > np.float32(2 * model.info["eps"]))
+    if "certified_ibp" in plain:
+        np.testing.assert_array_equal(plain["certified"], margin | plain["certified_ibp"])
     # float pixels in [0, 1], a jax array, an odd count: same predictions, radii within float32 rounding
     floats = model.certify(images[:7] / 255.0)
     np.testing.assert_array_equal(floats["prediction"], out["prediction"][:7])
