@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import shutil
 import sys
@@ -31,22 +30,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from certjax.exported import manifest_bytes, sha256_file
+
 PLATFORMS = ("cpu", "cuda")
 FORMAT_VERSION = 1
 ARTIFACTS = {"uint8": "forward_uint8.jax", "float32": "forward_float32.jax"}
-
-
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def manifest_bytes(manifest: dict) -> bytes:
-    """The one serialisation of a manifest body: what its hash covers and what the file must hold."""
-    return json.dumps(manifest, sort_keys=True, indent=1).encode()
 
 
 def sealed_manifest_bytes(manifest: dict) -> bytes:

@@ -29,11 +29,13 @@ class ExportError(ValueError):
     """An export directory that is incomplete, changed or from an incompatible version."""
 
 
-def _manifest_bytes(manifest: dict) -> bytes:  # the same serialisation as certjax.export.manifest_bytes
+def manifest_bytes(manifest: dict) -> bytes:
+    """The one serialisation of a manifest body: what its hash covers and what the file must hold (used by
+    certjax.export to write it)."""
     return json.dumps(manifest, sort_keys=True, indent=1).encode()
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -56,7 +58,7 @@ def read_manifest(directory: str) -> dict:
         raise ExportError(
             f"{path}: damaged or changed (not a certjax manifest: {error}); export again"
         ) from None
-    if raw != _manifest_bytes(sealed) or hashlib.sha256(_manifest_bytes(manifest)).hexdigest() != expected:
+    if raw != manifest_bytes(sealed) or hashlib.sha256(manifest_bytes(manifest)).hexdigest() != expected:
         raise ExportError(f"{path}: changed after export (its SHA-256 does not match); export again")
     if manifest.get("format") != FORMAT_VERSION:
         raise ExportError(
@@ -66,7 +68,7 @@ def read_manifest(directory: str) -> dict:
         file = os.path.join(directory, name)
         if not os.path.isfile(file):
             raise ExportError(f"{file}: missing from the export; copy the whole directory again")
-        if _sha256(file) != digest:
+        if sha256_file(file) != digest:
             raise ExportError(
                 f"{file}: changed after export (SHA-256 differs from the manifest); export again"
             )
