@@ -72,6 +72,47 @@ def unknown_key_errors(keys: Iterable[str], reference, where: str) -> list[str]:
     return errors
 
 
+def augment_errors(augment, pad_modes) -> list[str]:
+    """The crop/flip settings of both sources and RandAugment's (certjax/data/augment.py)."""
+    from certjax.data.randaugment import NUM_BINS
+
+    errors = []
+    sources = [("augment", augment)]
+    generated = augment.get("generated", None)
+    if generated is not None:
+        if isinstance(generated, (dict, ml_collections.ConfigDict)):
+            unknown = sorted(set(generated.keys()) - {"pad", "pad_mode", "flip"})
+            if unknown:
+                errors.append(f"augment.generated: unknown key(s) {unknown}; valid: pad, pad_mode, flip")
+            sources.append(("augment.generated", generated))
+        else:
+            errors.append(
+                f"augment.generated: {generated!r}; None (as the real images) or dict(pad=..., pad_mode=..., "
+                "flip=...)"
+            )
+    for where, settings in sources:
+        pad, mode, flip = (settings.get(k, None) for k in ("pad", "pad_mode", "flip"))
+        if pad is not None and not (isinstance(pad, int) and not isinstance(pad, bool) and pad >= 0):
+            errors.append(f"{where}.pad: {pad!r}; must be an integer >= 0")
+        if mode is not None and mode not in pad_modes:
+            errors.append(f"{where}.pad_mode: {mode!r}; use one of {list(pad_modes)}")
+        if flip is not None and not isinstance(flip, bool):
+            errors.append(f"{where}.flip: {flip!r}; must be True or False")
+    randaugment = augment.get("randaugment", None) or {}
+    prob = randaugment.get("prob", 0.0)
+    if not (isinstance(prob, (int, float)) and 0.0 <= prob <= 1.0):
+        errors.append(f"augment.randaugment.prob: {prob!r}; the probability per real image must be in [0, 1]")
+    num_ops = randaugment.get("num_ops", 2)
+    if not (isinstance(num_ops, int) and num_ops >= 1):
+        errors.append(f"augment.randaugment.num_ops: {num_ops!r}; must be an integer >= 1 (torchvision: 2)")
+    magnitude = randaugment.get("magnitude", 9)
+    if not (isinstance(magnitude, int) and 0 <= magnitude < NUM_BINS):
+        errors.append(
+            f"augment.randaugment.magnitude: {magnitude!r}; a bin in [0, {NUM_BINS - 1}] (torchvision: 9)"
+        )
+    return errors
+
+
 def check_config(config, *, device_count: int = 1, process_count: int = 1, unknown_keys: bool = True) -> None:
     """Raise ConfigError listing every invalid value of a training config; return None if it is valid."""
     errors: list[str] = []
@@ -118,7 +159,6 @@ def check_config(config, *, device_count: int = 1, process_count: int = 1, unkno
         "data.real_subset",
         "data.generated_limit",
         "data.reader_threads",
-        "augment.pad",
     ):
         value = number(key)
         if value is not None:
@@ -144,6 +184,30 @@ def check_config(config, *, device_count: int = 1, process_count: int = 1, unkno
         "data.real_fraction",
         f"{fraction!r}; the real share of every batch must be in [0, 1] (0.3 = the paper's 30 % real)",
     )
+    from certjax.data.augment import PAD_MODES
+    from certjax.data.pipeline import EPOCH_DEFINITIONS, real_count
+
+    definition = config.data.get("epoch_definition", "real_set")  # configs saved before it: real_set
+    need(
+        definition in EPOCH_DEFINITIONS,
+        "data.epoch_definition",
+        f"{definition!r}; use 'real_set' (ceil(N_real / batch) steps per epoch, the seed) or 'real_pass' "
+        "(one pass over the real images at the batch's real count)",
+    )
+    if (
+        definition == "real_pass"
+        and config.data.get("generated", "")
+        and isinstance(batch, int)
+        and isinstance(fraction, (int, float))
+        and 0.0 <= fraction <= 1.0
+    ):
+        need(
+            real_count(batch, fraction) > 0,
+            "data.epoch_definition",
+            f"'real_pass' with data.real_fraction={fraction} and batch {batch}: 0 real images per batch, so "
+            "no pass over the real set ever ends; raise data.real_fraction or use 'real_set'",
+        )
+    errors += augment_errors(config.augment, PAD_MODES)
     one_of("data.dataset", DATASETS)
     one_of("data.real_subset_mode", SUBSET_MODES)
     mean, std = tuple(config.data.mean), tuple(config.data.std)

@@ -39,7 +39,7 @@ from certjax import checkpoints, schedules
 from certjax.certify import certify_method, get_certifier, pixel_radius_scale, round_up_float32
 from certjax.config_checks import check_config
 from certjax.data import pipeline
-from certjax.data.augment import normalize, random_crop_flip
+from certjax.data.augment import augment_batch, normalize
 from certjax.losses import get_loss
 from certjax.models import get_family
 from certjax.models.layers import FLOAT32_ROUNDING
@@ -88,7 +88,15 @@ class FirstNonFinite(clu_metrics.Metric):
 class TrainMetrics(clu_metrics.Collection):
     loss: clu_metrics.Average.from_output("loss")
     accuracy: clu_metrics.Average.from_output("accuracy")
+    # on the real rows of the batch only (LiResNet++'s training log); nan when a batch has none
+    accuracy_real: clu_metrics.Average.from_output("accuracy_real")
     first_nonfinite: FirstNonFinite
+
+
+def batch_accuracies(logits, labels, num_real: int) -> dict[str, jax.Array]:
+    """Per-example correctness of the whole batch and of its first num_real (real) rows, float32."""
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    return {"accuracy": correct, "accuracy_real": correct[:num_real]}
 
 
 # ----------------------------------------------------------------------------------------------- optimiser
@@ -208,8 +216,11 @@ class Experiment:
                 seed=config.seed,
                 process_index=jax.process_index(),
                 process_count=jax.process_count(),
+                epoch_definition=config.data.get("epoch_definition", "real_set"),
             )
+            # the one source of the epoch length: schedules, eval/checkpoint intervals and the log all use it
             self.steps_per_epoch = self.batches.steps_per_epoch
+            self.num_real = self.batches.num_real  # real rows come first in every global batch
         elif self.sources is not None:
             self.steps_per_epoch = math.ceil(len(self.sources.test) / config.train.batch_size)
         else:
@@ -268,18 +279,18 @@ class Experiment:
 
     # -- steps
 
-    def _inputs(self, images_uint8, rng=None):
-        aug = self.config.augment
+    def _inputs(self, images_uint8, rng=None, num_real=None):
+        """uint8 images -> normalised float32; augmented (certjax.data.augment.augment_batch) when rng is
+        given, rows [0, num_real) as real images and the rest as generated ones (num_real None: all real)."""
         if rng is not None:
-            images_uint8 = random_crop_flip(
-                rng, images_uint8, pad=aug.pad, pad_mode=aug.pad_mode, flip=aug.flip
-            )
+            num_real = images_uint8.shape[0] if num_real is None else num_real
+            images_uint8 = augment_batch(rng, images_uint8, num_real=num_real, augment=self.config.augment)
         return normalize(images_uint8, self.config.data.mean, self.config.data.std)
 
     def _train_step(self, state: TrainState, batch, schedule):
         step_rng = jax.random.fold_in(state.rng, state.step)
         aug_rng, model_rng = jax.random.split(step_rng)
-        images = self._inputs(batch["image"], aug_rng)
+        images = self._inputs(batch["image"], aug_rng, self.num_real)
         labels = batch["label"]
         loss_schedule = dict(schedule, eps_train=schedule["eps_train"] * self.input_scale)
 
@@ -314,7 +325,7 @@ class Experiment:
         )
         metrics = TrainMetrics.single_from_model_output(
             loss=loss,
-            accuracy=(jnp.argmax(logits, -1) == labels).astype(jnp.float32),
+            **batch_accuracies(logits, labels, self.num_real),
             nonfinite_step=jnp.where(finite, NO_STEP, state.step),
         )
         return new_state, metrics
@@ -534,13 +545,16 @@ def _train_loop(config, workdir: str, exp: Experiment, manager) -> TrainState:
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     console(
         f"{config.family}:{config.variant} params={num_params:,} epochs={config.train.epochs} "
-        f"steps/epoch={spe} batch={config.train.batch_size} "
+        f"steps/epoch={spe} ({config.data.get('epoch_definition', 'real_set')}) "
+        f"batch={config.train.batch_size} "
         f"(real {exp.batches.num_real} + generated {exp.batches.num_generated}) "
         f"devices={jax.device_count()} processes={jax.process_count()}"
     )
 
     writer = MetricWriter(os.path.join(workdir, "tensorboard"))
     lr_schedule = learning_rate_schedule(config.optimizer, config.optimizer.lr, total, spe)
+    # real-part accuracy differs from the batch's only when the batch mixes real and generated images
+    mixed = 0 < exp.batches.num_real < config.train.batch_size
     train_metrics = None
     window_start, window_images = time.perf_counter(), 0
     run_start, run_start_step = time.perf_counter(), start_step
@@ -561,7 +575,9 @@ def _train_loop(config, workdir: str, exp: Experiment, manager) -> TrainState:
             eta = (total - done) * (now - run_start) / max(done - run_start_step, 1)
             progress = (
                 f"epoch {done / spe:7.2f} step {done}/{total} loss {summary['loss']:.4f} "
-                f"acc {summary['accuracy']:.4f} p {values['p']:.4g} lr {float(lr_schedule(step)):.3g} "
+                f"acc {summary['accuracy']:.4f} "
+                + (f"(real {summary['accuracy_real']:.4f}) " if mixed else "")
+                + f"p {values['p']:.4g} lr {float(lr_schedule(step)):.3g} "
                 f"{img_s:.1f} img/s ETA {_hms(eta)}"
             )
             if not epoch_end:  # at an epoch's end the line waits for the test figures: one line per epoch
@@ -571,6 +587,7 @@ def _train_loop(config, workdir: str, exp: Experiment, manager) -> TrainState:
                 {
                     "train/loss": summary["loss"],
                     "train/accuracy": summary["accuracy"],
+                    **({"train/accuracy_real": summary["accuracy_real"]} if mixed else {}),
                     "train/p": min(values["p"], 1e6),
                     "train/lr": float(lr_schedule(step)),
                     "train/img_per_s": img_s,
@@ -603,6 +620,7 @@ def _train_loop(config, workdir: str, exp: Experiment, manager) -> TrainState:
                         **test,
                         "epoch": epoch,
                         "train_accuracy": float(epoch_train["accuracy"]),
+                        **({"train_accuracy_real": float(epoch_train["accuracy_real"])} if mixed else {}),
                         "train_loss": float(epoch_train["loss"]),
                     },
                 )

@@ -28,6 +28,9 @@ def get_common() -> ml_collections.ConfigDict:
     config.data.generated = ""  # path to an EDM .npz; "" = real data only
     config.data.generated_limit = 0  # 0 = all; else a fixed random subset of N images
     config.data.real_fraction = 0.3  # real share of every batch when generated data is given
+    # real_set: an epoch is ceil(N_real / batch) steps, whatever the mix (the seed); real_pass: one pass over
+    # the real set at the batch's real count, ceil(N_real / n_real) steps (LiResNet++)
+    config.data.epoch_definition = "real_set"
     config.data.mean = CIFAR10_MEAN
     config.data.std = (0.2009, 0.2009, 0.2009)
     config.data.reader_threads = 2
@@ -36,6 +39,13 @@ def get_common() -> ml_collections.ConfigDict:
     config.augment.pad = 4
     config.augment.pad_mode = "constant"
     config.augment.flip = True
+    # Generated rows of the batch: None = as the real ones (pad, pad_mode, flip above), or a dict with any of
+    # pad / pad_mode / flip (LiResNet++: dict(pad=2)). Set it in a config file (a None field takes no
+    # --config override).
+    config.augment.generated = None
+    # RandAugment on the real rows after their crop and flip, each image with probability prob (0 = off);
+    # torchvision's defaults num_ops 2, magnitude 9 of 31 bins (certjax/data/randaugment.py)
+    config.augment.randaugment = ml_collections.ConfigDict({"prob": 0.0, "num_ops": 2, "magnitude": 9})
 
     config.train = ml_collections.ConfigDict()
     config.train.epochs = 100

@@ -6,7 +6,14 @@ stream built with grain: `MapDataset.range(N).shuffle(seed).repeat()` (reshuffle
 then `.batch(n)`, so the indices of step s are element s of that dataset: a pure function of (seed, s). The
 batch of step s is therefore bit-identical after a resume at any step, and no iterator state is checkpointed.
 
-One epoch = ceil(N_real / B) steps whatever the mix (the seed paper: "an epoch is 50k images").
+An epoch (`data.epoch_definition`) is either "real_set": ceil(N_real / B) steps whatever the mix (the seed
+paper: "an epoch is 50k images"), or "real_pass": one pass over the real set at the batch's real count,
+ceil(N_real / n_real) steps (LiResNet++, hukkai/liresnet train.py: every step joins a real batch of 256 with
+768 generated images, and the scheduler's iter_per_epoch is len(train_loader), one pass of the real loader;
+its loader drops the last partial batch, our index stream carries on into the next pass instead). Every
+epoch-based setting (schedules, evaluation and checkpoint intervals, the log's epoch) follows
+`steps_per_epoch`.
+
 Images stay uint8 until the jitted step, where augmentation and normalisation run.
 """
 
@@ -25,6 +32,24 @@ def real_count(batch_size: int, real_fraction: float) -> int:
     if not 0.0 <= real_fraction <= 1.0:
         raise ValueError(f"data.real_fraction must be in [0, 1], got {real_fraction}")
     return int(math.floor(batch_size * real_fraction + 0.5))
+
+
+EPOCH_DEFINITIONS = ("real_set", "real_pass")
+
+
+def steps_per_epoch(num_real_images: int, batch_size: int, num_real: int, epoch_definition: str) -> int:
+    """Steps of one epoch: ceil(N_real / B) ("real_set") or ceil(N_real / n_real) ("real_pass")."""
+    if epoch_definition == "real_set":
+        return math.ceil(num_real_images / batch_size)
+    if epoch_definition == "real_pass":
+        if num_real <= 0:
+            raise ValueError(
+                "data.epoch_definition='real_pass' counts an epoch as one pass over the real images, but the "
+                "batch holds 0 of them (data.real_fraction rounds to 0 real per batch): raise "
+                "data.real_fraction or use data.epoch_definition='real_set'"
+            )
+        return math.ceil(num_real_images / num_real)
+    raise ValueError(f"data.epoch_definition {epoch_definition!r}; use one of {', '.join(EPOCH_DEFINITIONS)}")
 
 
 def _index_batches(num_items: int, per_batch: int, seed: int) -> grain.MapDataset:
@@ -52,6 +77,7 @@ class MixedBatches:
     seed: int
     process_index: int = 0
     process_count: int = 1
+    epoch_definition: str = "real_set"
 
     def __post_init__(self):
         if self.batch_size <= 0:
@@ -71,7 +97,9 @@ class MixedBatches:
             )
         if len(self.real) == 0:
             raise ValueError("the real training source is empty")
-        self.steps_per_epoch = math.ceil(len(self.real) / self.batch_size)
+        self.steps_per_epoch = steps_per_epoch(
+            len(self.real), self.batch_size, self.num_real, self.epoch_definition
+        )
         # Independent seeds per source, so changing the mix never changes the other source's order.
         self._real_indices = (
             _index_batches(len(self.real), self.num_real, self.seed) if self.num_real else None
