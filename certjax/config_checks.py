@@ -17,10 +17,11 @@ from collections.abc import Iterable
 import ml_collections
 
 # Keys the code reads with .get() that a family's get_config may leave out (see evaluate.radii_of).
-OPTIONAL_KEYS = frozenset({"certify.radii"})
+OPTIONAL_KEYS = frozenset({"certify.radii", "optimizer.lookahead", "optimizer.momentum_decay"})
 DATASETS = ("cifar10", "cifar100")
 SUBSET_MODES = ("first", "random")
-OPTIMIZERS = ("adam", "adamw", "adamw_lp", "sgd")
+OPTIMIZERS = ("adam", "adamw", "adamw_lp", "nadam", "sgd")
+LOOKAHEAD_KEYS = ("alpha", "k", "sync_every_epoch", "enabled")
 SCHEDULES = ("cosine", "constant", "multistep", "hold_cosine")
 KERNELS = ("auto", "pallas", "jnp", "interpret")
 
@@ -109,6 +110,36 @@ def augment_errors(augment, pad_modes) -> list[str]:
     if not (isinstance(magnitude, int) and 0 <= magnitude < NUM_BINS):
         errors.append(
             f"augment.randaugment.magnitude: {magnitude!r}; a bin in [0, {NUM_BINS - 1}] (torchvision: 9)"
+        )
+    return errors
+
+
+def lookahead_errors(spec) -> list[str]:
+    """optimizer.lookahead: None (off) or dict(alpha in (0, 1], k >= 0, sync_every_epoch, enabled)."""
+    if spec is None:
+        return []
+    if not isinstance(spec, (ml_collections.ConfigDict, dict)):
+        return [
+            f"optimizer.lookahead: {spec!r}; use None (no Lookahead) or dict(alpha=0.5, k=6, "
+            "sync_every_epoch=True) (LiResNet++: timm's defaults plus a sync at every epoch end)"
+        ]
+    errors = [
+        f"optimizer.lookahead.{key}: no such key; valid: {', '.join(LOOKAHEAD_KEYS)}"
+        for key in spec
+        if key not in LOOKAHEAD_KEYS
+    ]
+    alpha, k = spec.get("alpha", 0.5), spec.get("k", 6)
+    if not (isinstance(alpha, (int, float)) and 0 < alpha <= 1):
+        errors.append(
+            f"optimizer.lookahead.alpha: {alpha!r}; the slow weights' step must be in (0, 1] (timm: 0.5), "
+            "e.g. --config.optimizer.lookahead.alpha=0.5"
+        )
+    if not (isinstance(k, int) and not isinstance(k, bool) and k >= 0):
+        errors.append(f"optimizer.lookahead.k: {k!r}; an integer >= 0 (steps per sync; 0 = epoch ends only)")
+    elif k == 0 and not spec.get("sync_every_epoch", True) and spec.get("enabled", True):
+        errors.append(
+            "optimizer.lookahead: k = 0 and sync_every_epoch = False never synchronise; set k >= 1, "
+            "sync_every_epoch=True, or lookahead.enabled=False"
         )
     return errors
 
@@ -261,6 +292,18 @@ def check_config(config, *, device_count: int = 1, process_count: int = 1, unkno
             "optimizer.warmup_epochs",
             f"{warmup} >= train.epochs={config.train.epochs}; warm up for fewer epochs than the run",
         )
+    if opt.get("name") == "nadam":
+        for key in ("b1", "b2"):
+            value = opt.get(key, None)
+            need(
+                isinstance(value, (int, float)) and 0 <= value < 1,
+                f"optimizer.{key}",
+                f"{value!r}; NAdam's betas must be in [0, 1) (torch's defaults: b1 0.9, b2 0.999)",
+            )
+        need(opt.get("eps", -1) >= 0, "optimizer.eps", f"{opt.get('eps')!r}; must be >= 0 (torch: 1e-8)")
+        decay = opt.get("momentum_decay", 4e-3)
+        need(decay >= 0, "optimizer.momentum_decay", f"{decay!r}; must be >= 0 (torch's default 4e-3)")
+    errors.extend(lookahead_errors(opt.get("lookahead", None)))
     milestones = tuple(opt.get("milestones", ()) or ())
     need(
         all(0 < m <= 1 for m in milestones),

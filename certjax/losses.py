@@ -89,6 +89,33 @@ def emma(logits, pair_bound, labels, schedule, loss_config):
     return optax.softmax_cross_entropy_with_integer_labels(raised, labels)
 
 
+def emma_exact(logits, pair_bound, labels, schedule, loss_config):
+    """Exact EMMA of LiResNet++ (hukkai/liresnet HEAD, models/margin_layer.py `emma_loss`): each wrong class
+    is raised only as far as an eps-perturbation needs to overtake the true class, at least 1 % and at most
+    all of eps_train:
+
+        d_i = z_i - z_y,  m_i = K_yi = pair_bound[y, i],
+        eps_i = clip(-d_i / max(m_i eps, 1e-8), 0.01, 1)      detached (the original's eps_ji.detach()),
+        z'_i = d_i + eps_i eps m_i,  loss = CE(z', y).
+
+    Only eps_i is detached: the gradient flows through d_i and through m_i (K and the head rows), as in the
+    original. The true class gets z'_y = 0 (d_y = 0 and m_y = 0 there; set by index so a family whose
+    diagonal is not exactly 0 cannot move it). eps is schedule["eps_train"] in normalised input units with
+    the eps ramp applied (LiResNet++: 0.1 -> 3.0 x 36/255 over the first half, config.loss.eps_ramp).
+    """
+    del loss_config
+    eps = schedule["eps_train"]
+    true_logit = jnp.take_along_axis(logits, labels[:, None], axis=1)
+    gap = logits - true_logit  # d_i
+    margin_bound = pair_bound[labels]  # m_i, [B, C]
+    needed = -gap / jnp.maximum(margin_bound * eps, 1e-8)
+    fraction = jax.lax.stop_gradient(jnp.clip(needed, 0.01, 1.0))  # eps_i
+    raised = gap + fraction * eps * margin_bound
+    is_true = jax.nn.one_hot(labels, logits.shape[-1], dtype=bool)
+    raised = jnp.where(is_true, 0.0, raised)
+    return optax.softmax_cross_entropy_with_integer_labels(raised, labels)
+
+
 def gloro_trades(logits, pair_bound, labels, schedule, loss_config):
     """GloRo TRADES loss (hu23 snapshot, margin_layer; klasleino/gloro training/losses.py Trades):
     CE(z, y) + lambda * KL(softmax(z) with a 0 bottom class || softmax([z, z_bot])), where the bottom logit
@@ -115,6 +142,7 @@ LOSSES = {
     "mixture": mixture,
     "hinge": hinge,
     "emma": emma,
+    "emma_exact": emma_exact,
     "gloro_trades": gloro_trades,
 }
 

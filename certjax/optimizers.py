@@ -1,9 +1,12 @@
-"""The l_inf-dist Net v1 optimiser: AdamW whose weight decay follows the current l_p norm
-(zbh2047/L_inf-dist-net adamw.py, ICML'21 Sec. 5.1).
+"""Optimisers that optax does not have in the form the original code uses.
 
-The original decays each row r of a parameter (axis 0: an output unit's weights; a bias row is one number)
-by the gradient of (1/2) ||r||_p^2 at the layer's current p, decoupled from Adam and scaled by the current
-learning rate:
+* `adamw_lp`: the l_inf-dist Net v1 AdamW whose weight decay follows the current l_p norm.
+* `scale_by_torch_nadam`: torch.optim.NAdam, with its momentum-decay schedule (LiResNet++).
+* `lookahead`: timm's Lookahead wrapper plus the epoch-end synchronisation of LiResNet++.
+
+adamw_lp (zbh2047/L_inf-dist-net adamw.py, ICML'21 Sec. 5.1). The original decays each row r of a parameter
+(axis 0: an output unit's weights; a bias row is one number) by the gradient of (1/2) ||r||_p^2 at the
+layer's current p, decoupled from Adam and scaled by the current learning rate:
 
     r_i <- r_i - lr * wd * r_i |r_i|^(p-2) / ||r||_p^(p-2)      (finite p; p = 2 is plain decay)
     r_k <- r_k - lr * wd * r_k   at k = argmax_i |r_i|          (p = inf; the other entries are untouched)
@@ -13,9 +16,16 @@ square, which keeps the powers finite at r_i = 0; this follows that. One-element
 logit scale) get plain decay for every p. The decay uses the parameters before the step, like the
 original, which decays in place before its Adam update. p comes from the train step as the optimiser's
 extra argument `p_norm` (the same traced value the model used), so a changing p never recompiles.
+
+NAdam and Lookahead (hukkai/liresnet train.py: `torch.optim.NAdam(lr, weight_decay)` wrapped in
+`timm.optim.Lookahead(optimizer)` with its defaults alpha 0.5, k 6, and `optimizer.sync_lookahead()` after
+the last step of every epoch): see the two functions' docstrings.
 """
 
 from __future__ import annotations
+
+import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -67,3 +77,137 @@ def adamw_lp(learning_rate, b1: float, b2: float, eps: float, weight_decay: floa
         add_lp_decayed_weights(weight_decay, eps),
         optax.scale_by_learning_rate(learning_rate),
     )
+
+
+# ------------------------------------------------------------------------------------------------- NAdam
+
+
+class TorchNadamState(NamedTuple):
+    count: jax.Array  # steps taken (torch: state["step"])
+    mu_product: jax.Array  # prod_{i <= count} mu_i, float32 like torch's state["mu_product"]
+    mu: optax.Updates  # first moment m_t
+    nu: optax.Updates  # second moment v_t
+
+
+def scale_by_torch_nadam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, momentum_decay: float = 4e-3):
+    """The direction of torch.optim.NAdam (torch/optim/nadam.py, its documented algorithm), to be scaled by
+    -lr (optax.scale_by_learning_rate). At step t (from 1), with gradient g:
+
+        mu_t = b1 (1 - 0.5 * 0.96^(t psi)),  mu_{t+1} likewise,  psi = momentum_decay
+        m_t = b1 m_{t-1} + (1 - b1) g,  v_t = b2 v_{t-1} + (1 - b2) g^2
+        direction = [(1 - mu_t) / (1 - prod_{i<=t} mu_i) g + mu_{t+1} / (1 - prod_{i<=t+1} mu_i) m_t]
+                    / (sqrt(v_t / (1 - b2^t)) + eps)
+
+    optax.nadam (scale_by_adam(nesterov=True)) is not this: it uses b1 itself where torch uses the warming
+    mu_t (which starts near b1 / 2 and reaches b1 only after ~10^4 steps at psi 4e-3) and bias-corrects with
+    powers of b1 instead of the product of the mu_i. torch's coupled weight decay (grad + wd * param) is
+    optax.add_decayed_weights before this transformation.
+    """
+    log_b2 = math.log(b2)  # 1 - b2^t = -expm1(t log b2): no cancellation in float32 at small t
+    log_decay = momentum_decay * math.log(0.96)
+
+    def init(params):
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        return TorchNadamState(
+            count=jnp.zeros((), jnp.int32), mu_product=jnp.ones((), jnp.float32), mu=zeros, nu=zeros
+        )
+
+    def update(updates, state, params=None):
+        del params
+        count = state.count + 1
+        t = count.astype(jnp.float32)
+        mu_t = b1 * (1.0 - 0.5 * jnp.exp(t * log_decay))
+        mu_next = b1 * (1.0 - 0.5 * jnp.exp((t + 1.0) * log_decay))
+        mu_product = state.mu_product * mu_t
+        mu_product_next = mu_product * mu_next
+        bias_correction2 = -jnp.expm1(t * log_b2)
+        grad_coefficient = (1.0 - mu_t) / (1.0 - mu_product)
+        moment_coefficient = mu_next / (1.0 - mu_product_next)
+        mu = jax.tree.map(lambda m, g: b1 * m + (1.0 - b1) * g, state.mu, updates)
+        nu = jax.tree.map(lambda v, g: b2 * v + (1.0 - b2) * g * g, state.nu, updates)
+        direction = jax.tree.map(
+            lambda g, m, v: (
+                (grad_coefficient * g + moment_coefficient * m) / (jnp.sqrt(v / bias_correction2) + eps)
+            ),
+            updates,
+            mu,
+            nu,
+        )
+        return direction, TorchNadamState(count=count, mu_product=mu_product, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(init, update)
+
+
+def torch_nadam(learning_rate, b1: float, b2: float, eps: float, momentum_decay: float, weight_decay: float):
+    """torch.optim.NAdam(lr, betas=(b1, b2), eps, weight_decay, momentum_decay): L2 weight decay added to
+    the gradient (torch's default, not decoupled), then the NAdam direction times the scheduled lr."""
+    chain = [scale_by_torch_nadam(b1, b2, eps, momentum_decay), optax.scale_by_learning_rate(learning_rate)]
+    if weight_decay:
+        chain.insert(0, optax.add_decayed_weights(weight_decay))
+    return optax.chain(*chain)
+
+
+# --------------------------------------------------------------------------------------------- Lookahead
+
+
+class LookaheadState(NamedTuple):
+    count: jax.Array  # optimiser steps taken: the sync steps are a pure function of it (exact resume)
+    slow: optax.Params  # the slow weights (equal to the params right after every synchronisation)
+    inner: optax.OptState
+
+
+def lookahead_sync_steps(count, k: int, steps_per_epoch: int):
+    """(is `count` a sync step, was there one before it), count = steps taken including this one.
+
+    timm's Lookahead.step updates the slow weights after every k-th step (lookahead_step % k == 0);
+    train.py also calls sync_lookahead() after the last step of every epoch. k = 0 or steps_per_epoch = 0
+    switches the respective trigger off."""
+    sync = jnp.zeros((), bool)
+    first = None
+    for period in (k, steps_per_epoch):
+        if period:
+            sync = sync | (count % period == 0)
+            first = period if first is None else min(first, period)
+    if first is None:
+        raise ValueError("lookahead needs k >= 1 or a synchronisation at every epoch end")
+    return sync, count > first
+
+
+def lookahead(inner, alpha: float, k: int, steps_per_epoch: int) -> optax.GradientTransformationExtraArgs:
+    """timm.optim.Lookahead(inner, alpha, k) plus the original's sync_lookahead() at every epoch end.
+
+    At a sync step (after the inner optimiser's update gave the fast weights f):
+        s <- s + alpha (f - s),   f <- s           (timm lookahead.py update_slow)
+    timm creates the slow buffer lazily, as a copy of the fast weights, at the FIRST sync; so that first sync
+    changes nothing and the slow weights start there (not at the initial weights). A k-th step that is also
+    an epoch's last step syncs twice in the original; the second is a no-op (f = s), so once here.
+
+    The fast weights are the trainer's params; the slow ones live in this state (so a checkpoint holds both).
+    At a sync step the emitted update is s_new - params, and the stored slow weights are params + that
+    update, the very sum the trainer's optax.apply_updates computes: after the step fast == slow bitwise,
+    and both equal the formula up to one float32 rounding of that sum.
+    """
+    inner = optax.with_extra_args_support(inner)
+
+    def init(params):
+        return LookaheadState(
+            count=jnp.zeros((), jnp.int32), slow=jax.tree.map(jnp.copy, params), inner=inner.init(params)
+        )
+
+    def update(updates, state, params=None, **extra_args):
+        if params is None:
+            raise ValueError("lookahead needs the parameters")
+        inner_updates, inner_state = inner.update(updates, state.inner, params, **extra_args)
+        count = state.count + 1
+        sync, had_sync = lookahead_sync_steps(count, k, steps_per_epoch)
+        fast = optax.apply_updates(params, inner_updates)
+        # before timm's first sync there is no slow buffer: it starts as a copy of the fast weights
+        slow_before = jax.tree.map(lambda s, f: jnp.where(had_sync, s, f), state.slow, fast)
+        target = jax.tree.map(lambda s, f: s + alpha * (f - s), slow_before, fast)
+        to_target = jax.tree.map(lambda t, p: t - p, target, params)
+        out = jax.tree.map(lambda a, b: jnp.where(sync, a, b), to_target, inner_updates)
+        synced = optax.apply_updates(params, to_target)
+        slow = jax.tree.map(lambda a, b: jnp.where(sync, a, b), synced, state.slow)
+        return out, LookaheadState(count=count, slow=slow, inner=inner_state)
+
+    return optax.GradientTransformationExtraArgs(init, update)

@@ -43,7 +43,7 @@ from certjax.data.augment import augment_batch, normalize
 from certjax.losses import get_loss
 from certjax.models import get_family
 from certjax.models.layers import FLOAT32_ROUNDING
-from certjax.optimizers import adamw_lp
+from certjax.optimizers import adamw_lp, lookahead, torch_nadam
 from certjax.writers import MetricWriter, console
 
 
@@ -129,7 +129,12 @@ def learning_rate_schedule(opt_config, base_lr: float, total_steps: int, steps_p
 
 
 def make_optimizer(opt_config, total_steps: int, steps_per_epoch: int):
-    """Adam/AdamW/SGD with a per-step schedule; the logit scale gets its own learning rate (v2: 0.006)."""
+    """Adam/AdamW/NAdam/SGD with a per-step schedule; the logit scale gets its own learning rate (v2: 0.006).
+
+    optimizer.lookahead = dict(alpha, k, sync_every_epoch[, enabled]) wraps the whole update (clipping
+    included) in Lookahead (certjax.optimizers.lookahead; LiResNet++: timm's alpha 0.5, k 6, plus a sync at
+    every epoch end); None or absent = no Lookahead. The slow weights are in the optimiser state.
+    """
 
     def base(lr_value, decay: bool = True):
         schedule = learning_rate_schedule(opt_config, lr_value, total_steps, steps_per_epoch)
@@ -146,12 +151,17 @@ def make_optimizer(opt_config, total_steps: int, steps_per_epoch: int):
         if opt_config.name == "adamw_lp":
             decay_rate = opt_config.weight_decay if decay else 0.0
             return adamw_lp(schedule, opt_config.b1, opt_config.b2, opt_config.eps, decay_rate)
+        if opt_config.name == "nadam":  # torch.optim.NAdam (LiResNet++), optax.nadam differs: optimizers.py
+            decay_rate = opt_config.weight_decay if decay else 0.0
+            momentum_decay = opt_config.get("momentum_decay", 4e-3)
+            betas = (opt_config.b1, opt_config.b2)
+            return torch_nadam(schedule, *betas, opt_config.eps, momentum_decay, decay_rate)
         if opt_config.name == "sgd":
             chain = [optax.sgd(schedule, momentum=opt_config.get("momentum", 0.9))]
             if opt_config.weight_decay:
                 chain.insert(0, optax.add_decayed_weights(opt_config.weight_decay))
             return optax.chain(*chain)
-        raise ValueError(f"optimizer.name {opt_config.name!r}; valid: adam, adamw, adamw_lp, sgd")
+        raise ValueError(f"optimizer.name {opt_config.name!r}; valid: adam, adamw, adamw_lp, nadam, sgd")
 
     scale_lr = opt_config.get("scale_lr", 0.0) or opt_config.lr
 
@@ -168,6 +178,10 @@ def make_optimizer(opt_config, total_steps: int, steps_per_epoch: int):
     )
     if opt_config.get("clip_norm", 0.0):
         tx = optax.chain(optax.clip_by_global_norm(opt_config.clip_norm), tx)
+    spec = opt_config.get("lookahead", None)
+    if spec is not None and spec.get("enabled", True):
+        sync_period = steps_per_epoch if spec.get("sync_every_epoch", True) else 0
+        tx = lookahead(tx, spec.get("alpha", 0.5), spec.get("k", 6), sync_period)
     return tx
 
 
