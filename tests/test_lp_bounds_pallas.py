@@ -188,3 +188,28 @@ def test_unknown_bounds_kernel_is_named():
     lower, upper, w, _ = _boxes(False)
     with pytest.raises(ValueError, match="unknown bounds kernel 'cuda'; valid: .*'auto'"):
         bounds.lp_distance_bounds(lower, upper, w, np.inf, kernel="cuda")
+
+
+def test_bounds_kernel_lowers_for_cuda_with_triton():
+    """Both branches (p = inf, finite p), plain and masked, and the gradient (the jnp backward around the
+    kernel) export for CUDA from a CPU-only machine: lowering builds the Triton IR; only a GPU compiles it."""
+    pytest.importorskip("jax._src.pallas.triton.pallas_call_registration")
+    box = jax.ShapeDtypeStruct((100, 300), jnp.float32)
+    w = jax.ShapeDtypeStruct((200, 300), jnp.float32)
+    p = jax.ShapeDtypeStruct((), jnp.float32)
+
+    def bounds_and_gradient(lower, upper, w, mask, p):
+        def loss(lower, upper, w):
+            lo, hi = bounds.lp_distance_bounds(lower, upper, w, p, mask, kernel="pallas")
+            return jnp.sum(hi - lo)
+
+        plain = bounds.lp_distance_bounds(lower, upper, w, p, kernel="pallas")
+        return plain, jax.grad(loss, (0, 1, 2))(lower, upper, w)
+
+    exported = jax.export.export(
+        jax.jit(bounds_and_gradient),
+        platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    )(box, box, w, box, p)
+    # plain and masked, each l_inf + l_p (both cond branches); the backward adds no kernel
+    assert exported.mlir_module().count("stablehlo.custom_call @__gpu$xla.gpu.triton(") == 4
