@@ -6,11 +6,15 @@ Sections (rows of one table; progress goes to stderr):
   tests       `pytest -q tests/test_kernels.py -k "not Interpret"` in a subprocess: the KernelTest class runs
               the Pallas kernels for real (its interpret-mode twin is the CPU suite's), pass/fail counts;
   auto check  what kernel="auto" decides for the paper's l_inf-dist shapes (certjax.kernels.verify: values and
-              gradients at p = inf and p = 8 against the jnp path), the error closest to its tolerance;
+              gradients at p = inf and p = 8 against the jnp path), the error closest to its tolerance; the
+              same for the interval-bounds kernel (verify.check_bounds_candidate: both ends within the
+              tolerance, and its interval containing the jnp path's up to rounding);
   kernel      the l_p-dist op at B x I x O = 512 x 3072 x 5120 and 512 x 5120 x 5120, Pallas and the XLA jnp
               path, forward and forward + backward at p = inf and p = 8: time, elements/s (B*I*O per second;
               for forward + backward too) and % of the FP32 peak of the device (`FP32_PEAK_TFLOPS`, keyed by
-              device_kind), one element counted as 3 FLOP (subtract, abs, max);
+              device_kind), one element counted as 3 FLOP (subtract, abs, max); and the interval bounds of
+              the layer (certjax.bounds.lp_distance_bounds, box x +- 0.1), Pallas bounds kernel and jnp,
+              forward only (the kernel's backward is the jnp path's), elements/s counting B*I*O once;
   throughput  one train step (certjax.train.Experiment.train_step: augmentation, forward, loss, backward,
               optimiser) of each family at its paper size on random uint8 batches of the config's batch size
               (no dataset: the embedded demo test split only gives Experiment its class count), img/s after
@@ -162,16 +166,27 @@ def check_worker(plan: Plan, smoke: bool) -> None:
         except Exception as error:  # the jnp reference itself failed
             emit("auto check", item, "FAIL", "jnp reference failed", error_text(error))
             continue
-        if result.ok:
-            emit(
-                "auto check",
-                item,
-                "PASS",
-                "Pallas used",
-                f"closest: {result.closest}; {result.seconds:.1f} s",
-            )
-        else:
-            emit("auto check", item, "FAIL", "falls back to jnp", result.reason)
+        emit_check(item, result)
+    bounds_candidate = functools.partial(verify.pallas_bounds, interpret=smoke)
+    for batch, size, out, masked in plan.check_shapes:
+        signature = verify.Signature(
+            (batch, size), (out, size), "float32", "float32", "float32" if masked else None, op="bounds"
+        )
+        item = f"bounds {batch}x{size}x{out}{' masked' if masked else ''}"
+        try:
+            result = verify.check_bounds_candidate(bounds_candidate, signature)
+        except Exception as error:
+            emit("auto check", item, "FAIL", "jnp reference failed", error_text(error))
+            continue
+        emit_check(item, result)
+
+
+def emit_check(item: str, result) -> None:
+    if result.ok:
+        detail = f"closest: {result.closest}; {result.seconds:.1f} s"
+        emit("auto check", item, "PASS", "Pallas used", detail)
+    else:
+        emit("auto check", item, "FAIL", "falls back to jnp", result.reason)
 
 
 def kernel_worker(plan: Plan, smoke: bool) -> None:
@@ -181,6 +196,7 @@ def kernel_worker(plan: Plan, smoke: bool) -> None:
     import numpy as np
     from timing import timed
 
+    from certjax.bounds import lp_distance_bounds
     from certjax.kernels.linf_dist import lp_distance
 
     device_kind = jax.devices()[0].device_kind
@@ -216,6 +232,22 @@ def kernel_worker(plan: Plan, smoke: bool) -> None:
                         f"{seconds * 1e3:.2f} ms",
                         f"{with_prefix(rate)}elements/s, {peak}",
                     )
+        for name, kernel in paths:  # interval bounds of the layer, forward: both ends in one pass
+
+            def bounds_forward(x, w, p, kernel=kernel):
+                lower, upper = lp_distance_bounds(x - 0.1, x + 0.1, w, p, kernel=kernel)
+                return lower, upper
+
+            fn = jax.jit(bounds_forward)
+            for p in (INF, 8.0):
+                item = f"{batch}x{size}x{out} p={p:g} bounds forward {name}"
+                try:
+                    seconds = timed(fn, x, w, np.float32(p), repeats=2 if smoke else 5)
+                except Exception as error:
+                    emit("kernel", item, "FAIL", "", error_text(error))
+                    continue
+                rate = elements / seconds
+                emit("kernel", item, "ok", f"{seconds * 1e3:.2f} ms", f"{with_prefix(rate)}elements/s")
 
 
 def family_worker(plan: Plan, spec: str, smoke: bool) -> None:

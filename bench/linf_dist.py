@@ -8,8 +8,11 @@ elements/s (B*I*O per second) of
   previous   (p = inf) the jnp path before the arg-max scan: first arg-max recomputed in the backward,
   naive      broadcast-reduce over a materialised [B, O, I] with plain autodiff (skipped when that buffer
              would exceed --naive-max-gb),
-  bounds     the interval bounds of the layer (certjax.bounds.lp_distance_bounds: lower and upper in one
-             blocked pass, a box of half-width 0.1 around x; backward: gradients of sum(g * (lo + hi))).
+  bounds     the interval bounds of the layer (certjax.bounds.lp_distance_bounds, kernel="jnp": lower and
+             upper in one blocked pass, a box of half-width 0.1 around x; backward: gradients of
+             sum(g * (lo + hi))),
+  bounds pallas  the same through the Pallas bounds kernel (certjax.kernels.lp_bounds_pallas, GPU only;
+             its backward is the jnp path's, so only its forward differs from "bounds").
 On a GPU also the fraction of the FP32 vector peak: the l_inf op needs at least two FP32 instructions per
 element (a subtract, then a max with |.| folded in as an operand modifier), and an FMA-rated peak of F FLOP/s
 issues F / 2 instructions/s, so the element-rate limit is F / 4 (H100 SXM: 67 TFLOP/s -> 16.7 T elements/s).
@@ -105,12 +108,12 @@ def _previous_bwd(residuals, g):
 previous_lp_distance.defvjp(_previous_fwd, _previous_bwd)
 
 
-def bounds_sum(x, w, p):
+def bounds_sum(x, w, p, kernel="jnp"):
     """lower + upper interval bound of the layer over the box x +- 0.1 (one [B, O] output, so that the
     forward + backward timing below differentiates both ends)."""
     from certjax.bounds import lp_distance_bounds
 
-    lower, upper = lp_distance_bounds(x - 0.1, x + 0.1, w, p)
+    lower, upper = lp_distance_bounds(x - 0.1, x + 0.1, w, p, kernel=kernel)
     return lower + upper
 
 
@@ -163,6 +166,8 @@ def paths(backend: str, p: float, shape, naive_max_gb: float):
     if p == INF:
         found["previous"] = lambda x, w: previous_lp_distance(x, w, p)
     found["bounds"] = lambda x, w: bounds_sum(x, w, p)
+    if backend == "gpu":
+        found["bounds pallas"] = lambda x, w: bounds_sum(x, w, p, kernel="pallas")
     gigabytes = batch * size * out * 4 / 1e9
     if gigabytes <= naive_max_gb:
         found["naive"] = lambda x, w: naive_distance(x, w, p)
@@ -184,11 +189,11 @@ def bench_shape(shape, ps, repeats: int, naive_max_gb: float, peak_flops: float 
         for name, distance in paths(jax.default_backend(), p, shape, naive_max_gb).items():
             label = f"p={p:g} {name}"
             if isinstance(distance, str):
-                print(f"  {label:16s} {distance}")
+                print(f"  {label:20s} {distance}")
                 continue
             forward = jax.jit(distance)
             forward_backward = jax.jit(jax.grad(lambda x, w, d=distance: jnp.sum(g * d(x, w)), (0, 1)))
-            line = f"  {label:16s}"
+            line = f"  {label:20s}"
             for kind, fn in (("forward", forward), ("fwd+bwd", forward_backward)):
                 seconds = timed(fn, x, w, repeats=repeats)
                 results[(p, name, kind)] = seconds

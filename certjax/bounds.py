@@ -29,21 +29,37 @@ inputs:
   x = p log2(m/d_i)), the sum is >= 1 (the term of the max is exactly 1), so its relative error is below
   (5 n + 8) u and the p-th root divides that by p: allowance ((5 n + 8) / p + 16) u. Tested against float64.
 `_round_down` / `_round_up` also step by the smallest normal float, which covers results flushed to zero.
+
+Kernels. `lp_distance_bounds(..., kernel=)` takes the distance op's choice (linf_dist.KERNELS): "auto" runs
+the Pallas bounds kernel (certjax.kernels.lp_bounds_pallas: both ends per output tile in one pass) on a GPU
+for each configuration where it passed its check against this jnp path (certjax.kernels.verify.auto_bounds),
+and this jnp path elsewhere; "pallas" / "interpret" run the kernel
+unchecked. The kernel computes values only: its custom_vjp backward is this module's blocked jnp backward, so
+gradients through bounds (loss.bound=ibp) are the jnp path's whatever the kernel. Its raw ends are rounded
+outward here like the jnp path's, with the wider allowance of its own rounding argument (`KERNEL_ALLOWANCE`,
+derived in the kernel's module docstring).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from certjax.certify import rounding_slack
+from certjax.kernels.linf_dist import KERNELS
 
 UNIT_ROUNDOFF = 2.0**-24
 _TINY = float(np.finfo(np.float32).tiny)
 # Elements of one [B, block, I] piece. The bound's backward keeps a few such buffers alive (differences,
 # their abs, masks of the max): 2^24 float32 = 64 MB each keeps that well under a GB.
 _BLOCK_ELEMENTS = 1 << 24
+# Relative allowance of finite-p l_p-dist bounds, in units of u, as (per input, constant, over p, constant):
+# ((a n + b) / p + c) u. jnp: this module's docstring; kernel: certjax.kernels.lp_bounds_pallas's.
+JNP_ALLOWANCE = (5.0, 8.0, 16.0)
+KERNEL_ALLOWANCE = (8.0, 32.0, 32.0)
 
 
 def _round_down(x):
@@ -52,6 +68,15 @@ def _round_down(x):
 
 def _round_up(x):
     return jnp.maximum(jnp.nextafter(x, jnp.float32(jnp.inf)), x + _TINY)
+
+
+def lp_rounding_allowance(size: int, p, *, kernel: bool = False):
+    """Relative widening of the l_p-dist bounds over `size` inputs (0 at p = inf: one ulp and the smallest
+    normal float are added by the rounding itself); p traced."""
+    per_input, constant, fixed = KERNEL_ALLOWANCE if kernel else JNP_ALLOWANCE
+    safe_p = jnp.where(jnp.isinf(p), 1.0, p)
+    finite = ((per_input * size + constant) / safe_p + fixed) * UNIT_ROUNDOFF
+    return jnp.where(jnp.isinf(p), 0.0, finite)
 
 
 def _outward(lower, upper, relative):
@@ -96,7 +121,10 @@ def _lp_norm_of_terms(d, p):
         ratio = jnp.maximum(d / safe_m[..., None], _TINY)
         safe_p = jnp.where(jnp.isinf(p), 2.0, p)
         total = jnp.sum(jnp.exp2(safe_p * jnp.log2(ratio)), axis=-1)
-        return jnp.where(m > 0, safe_m * jnp.exp2(jnp.log2(total) / safe_p), 0.0)
+        # total >= 1 where m > 0; where m = 0 it can underflow to 0, and log2(0) in the unused branch made
+        # the gradient nan (a box containing a unit's weights: every lower-bound term 0)
+        safe_total = jnp.where(m > 0, total, 1.0)
+        return jnp.where(m > 0, safe_m * jnp.exp2(jnp.log2(safe_total) / safe_p), 0.0)
 
     return jax.lax.cond(jnp.isinf(p), lambda: m, finite)
 
@@ -112,9 +140,10 @@ def _unit_block(batch: int, size: int, out: int) -> int:
     return -(-out // blocks)
 
 
-def _blocked(block_fn, lower, upper, w, extra):
+def _blocked(block_fn, lower, upper, w, extra, values=None):
     """(lo, hi) [B, O] of block_fn(lower, upper, w_block, extra) over blocks of output units; differentiable
-    in lower, upper and w with a backward blocked the same way."""
+    in lower, upper and w with a backward blocked the same way. values(lower, upper, w, extra) -> (lo, hi),
+    if given, computes the values instead (a kernel of the same function); the backward stays block_fn's."""
     batch, size = lower.shape
     out = w.shape[0]
     block = _unit_block(batch, size, out)
@@ -132,6 +161,8 @@ def _blocked(block_fn, lower, upper, w, extra):
 
     @jax.custom_vjp
     def run(lower, upper, w, extra):
+        if values is not None:
+            return values(lower, upper, w, extra)
         lo, hi = jax.lax.map(lambda w_b: block_fn(lower, upper, w_b, extra), split(w))
         return join(lo), join(hi)
 
@@ -165,20 +196,52 @@ def _check(lower, upper, w, mask=None):
         raise ValueError(f"mask must have the shape of the inputs {lower.shape}, got {mask.shape}")
 
 
-def lp_distance_bounds(lower, upper, w, p, mask=None):
-    """Bounds of ||x - w[o]||_p (times mask) over x in [lower, upper]: (lo, hi), each [B, O], rounded
-    outward (module docstring). p: traced scalar, jnp.inf for l_inf."""
+def _lp_block(low, high, w_b, extra):
+    p, mask = extra
+    lo_terms, hi_terms = _term_bounds(low, high, w_b, mask)
+    return _lp_norm_of_terms(lo_terms, p), _lp_norm_of_terms(hi_terms, p)
+
+
+def jnp_raw_bounds(lower, upper, w, mask, p):
+    """The jnp path's (lo, hi) before outward rounding, in the signature of a bounds kernel (the reference
+    of certjax.kernels.verify's check and of the kernel tests)."""
     _check(lower, upper, w, mask)
+    return _blocked(_lp_block, lower, upper, w, (jnp.asarray(p, jnp.float32), mask))
+
+
+def lp_distance_bounds(lower, upper, w, p, mask=None, *, kernel: str = "auto"):
+    """Bounds of ||x - w[o]||_p (times mask) over x in [lower, upper]: (lo, hi), each [B, O], rounded
+    outward (module docstring). p: traced scalar >= 1, jnp.inf for l_inf. kernel: one of KERNELS, the
+    implementation of the values (module docstring, "Kernels"); the gradient is always the jnp path's."""
+    _check(lower, upper, w, mask)
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown bounds kernel {kernel!r}; valid: {KERNELS}")
+    raw_bounds = None  # None: the jnp path
+    if kernel == "auto":
+        from certjax.kernels import verify  # imported here: verify imports this module
+
+        raw_bounds = verify.auto_bounds(lower, w, mask)  # None: off GPU, or the kernel failed its check
+    elif kernel in ("pallas", "interpret"):
+        from certjax.kernels import lp_bounds_pallas
+
+        raw_bounds = functools.partial(lp_bounds_pallas.lp_bounds_pallas, interpret=kernel == "interpret")
+    return lp_distance_bounds_with(raw_bounds, lower, upper, w, p, mask)
+
+
+def lp_distance_bounds_with(raw_bounds, lower, upper, w, p, mask=None):
+    """lp_distance_bounds with the values from raw_bounds(lower, upper, w, mask, p) -> (lo, hi) before
+    rounding (a kernel; None: the jnp path), rounded outward with the kernel allowance. For
+    certjax.kernels.verify, which checks a candidate kernel through exactly this function."""
     p = jnp.asarray(p, jnp.float32)
 
-    def block_fn(low, high, w_b, extra):
+    def kernel_values(low, high, w, extra):
         p, mask = extra
-        lo_terms, hi_terms = _term_bounds(low, high, w_b, mask)
-        return _lp_norm_of_terms(lo_terms, p), _lp_norm_of_terms(hi_terms, p)
+        lo, hi = raw_bounds(low, high, w, mask, p)
+        return lo.astype(jnp.float32), hi.astype(jnp.float32)
 
-    lo, hi = _blocked(block_fn, lower, upper, w, (p, mask))
-    size = lower.shape[1]
-    relative = jnp.where(jnp.isinf(p), 0.0, ((5.0 * size + 8.0) / p + 16.0) * UNIT_ROUNDOFF)
+    values = None if raw_bounds is None else kernel_values
+    lo, hi = _blocked(_lp_block, lower, upper, w, (p, mask), values=values)
+    relative = lp_rounding_allowance(lower.shape[1], p, kernel=raw_bounds is not None)
     lo, hi = _outward(lo, hi, relative)
     return jnp.maximum(lo, 0.0), hi
 

@@ -44,7 +44,10 @@ def test_cpu_smoke_run_prints_one_table_with_every_section():
     sections = {row[0].lstrip("| ") for row in rows}
     assert sections == {"tests", "auto check", "kernel", "throughput"}, rows
     assert all(row[2] in ("PASS", "ok") for row in rows), rows
-    assert sum(row[0] == "| kernel" for row in rows) == 8  # 2 paths x 2 p x (forward, forward + backward)
+    # the op: 2 paths x 2 p x (forward, forward + backward); its interval bounds: 2 paths x 2 p, forward
+    assert sum(row[0] == "| kernel" for row in rows) == 8 + 4
+    assert sum(row[0] == "| kernel" and "bounds forward" in row[1] for row in rows) == 4
+    assert sum(row[0] == "| auto check" and row[1].startswith("bounds ") for row in rows) == 2
     (throughput,) = [row for row in rows if row[0] == "| throughput"]
     assert "img/s at p=inf" in throughput[3] and "auto:" not in throughput[4]  # CPU: auto is jnp, unchecked
 

@@ -30,6 +30,18 @@ all-gather across processes (`jax.experimental.multihost_utils`): the candidate 
 everywhere. Every process reaches the check at the same point of the same trace, which is what a collective
 needs; a process whose own check passed names the other processes' failure in its warning.
 
+Interval bounds (`auto_bounds`, for certjax.bounds.lp_distance_bounds): the same mechanism, decisions and
+warning for the bounds kernel (certjax.kernels.lp_bounds_pallas), `Signature.op == "bounds"`. Its check
+(`check_bounds_candidate`) runs the candidate through exactly the function the models call
+(certjax.bounds.lp_distance_bounds_with: the candidate's raw ends, rounded outward with the kernel allowance)
+on random boxes at p = inf and p = 8, and asks two things of each end:
+* the same `TOLERANCES` as the op's values (a wrong tile, offset or mask is O(0.01-1) off);
+* containment: the candidate's interval must contain the jnp path's, up to what rounding can explain. Both
+  contain the exact bound, and the jnp end is within its allowance a of it after widening by a, so a sound
+  candidate's lower end is <= jnp lower + 2 a |jnp lower| + 2 ulp + 2 tiny (the upper end mirrored). A
+  tighter candidate fails even when it is well within the tolerance: a bound that claims more than the math
+  proves must never certify anything.
+
 Tolerances. p = inf, 1e-5: both paths take the max of the same float32 |x - w| and the same (lowest)
 arg-max, so values agree bitwise and gradients up to the order of the scatter-add's sums (atomics on a GPU,
 ~1e-7). A kernel fault (a wrong tile or offset, a lost mask, a skipped coordinate, a wrong arg-max) moves
@@ -61,12 +73,16 @@ __all__ = [
     "CheckResult",
     "KernelFallbackWarning",
     "Signature",
+    "auto_bounds",
     "auto_distance",
+    "bounds_candidate_for_auto",
     "candidate_for_auto",
+    "check_bounds_candidate",
     "check_candidate",
     "clear_decisions",
     "decisions",
     "jnp_distance",
+    "pallas_bounds",
     "pallas_distance",
 ]
 
@@ -76,6 +92,8 @@ TOLERANCES = {float("inf"): 1e-5, 8.0: 1e-2}
 
 # (x, w, mask or None, p) -> y [B, O], differentiable in x and w
 Distance = Callable[..., jax.Array]
+# (lower, upper, w, mask or None, p) -> (lo, hi) [B, O] before outward rounding, values only
+Bounds = Callable[..., tuple]
 
 
 class KernelFallbackWarning(RuntimeWarning):
@@ -91,9 +109,10 @@ class Signature:
     x_dtype: str
     w_dtype: str
     mask_dtype: str | None  # None: not masked
+    op: str = "distance"  # "distance" (the l_p-dist op) | "bounds" (its interval bounds; x: the box's ends)
 
     @classmethod
-    def of(cls, x, w, mask=None) -> Signature:
+    def of(cls, x, w, mask=None, op: str = "distance") -> Signature:
         """From arrays, tracers or ShapeDtypeStructs: only their static shapes and dtypes are read."""
         return cls(
             tuple(int(n) for n in x.shape),
@@ -101,13 +120,15 @@ class Signature:
             jnp.dtype(x.dtype).name,
             jnp.dtype(w.dtype).name,
             None if mask is None else jnp.dtype(mask.dtype).name,
+            op,
         )
 
     def describe(self) -> str:
         (batch, size), out = self.x_shape, self.w_shape[0]
         dtypes = self.x_dtype if self.x_dtype == self.w_dtype else f"x {self.x_dtype}, w {self.w_dtype}"
         masked = f", masked ({self.mask_dtype})" if self.mask_dtype else ""
-        return f"B x I x O = {batch} x {size} x {out}, {dtypes}{masked}"
+        what = "interval bounds, " if self.op == "bounds" else ""
+        return f"{what}B x I x O = {batch} x {size} x {out}, {dtypes}{masked}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,8 +158,19 @@ def jnp_distance(x, w, mask, p):
     return linf_dist._masked_lp_distance_jnp(x, w, mask, p)
 
 
+def pallas_bounds(lower, upper, w, mask, p, *, blocks=None, interpret=False):
+    """The Pallas bounds kernel's raw ends (default tiles unless `blocks`): the candidate "auto" checks for
+    interval bounds on a GPU."""
+    from certjax.kernels import lp_bounds_pallas
+
+    blocks = linf_dist_pallas.BlockSizes() if blocks is None else blocks
+    return lp_bounds_pallas.lp_bounds_pallas(lower, upper, w, mask, p, blocks=blocks, interpret=interpret)
+
+
 _PALLAS = functools.partial(pallas_distance)  # one object: decisions are keyed by the candidate's identity
+_PALLAS_BOUNDS = functools.partial(pallas_bounds)
 _override: Distance | None = None  # candidate_for_auto
+_bounds_override: Bounds | None = None  # bounds_candidate_for_auto
 _decisions: dict[tuple[Distance, Signature], CheckResult] = {}
 _lock = threading.RLock()
 
@@ -162,6 +194,24 @@ def candidate_for_auto(candidate: Distance) -> Iterator[None]:
             _override = previous
 
 
+@contextlib.contextmanager
+def bounds_candidate_for_auto(candidate: Bounds) -> Iterator[None]:
+    """candidate_for_auto for interval bounds: within the block, certjax.bounds.lp_distance_bounds with
+    kernel="auto" checks and uses `candidate` (lower, upper, w, mask, p) -> raw (lo, hi) on every backend."""
+    global _bounds_override
+    if not callable(candidate):
+        raise TypeError(
+            f"candidate must be a function (lower, upper, w, mask, p) -> (lo, hi), got {candidate!r}"
+        )
+    with _lock:
+        previous, _bounds_override = _bounds_override, candidate
+    try:
+        yield
+    finally:
+        with _lock:
+            _bounds_override = previous
+
+
 def decisions() -> dict[Signature, CheckResult]:
     """The verdicts reached so far in this process (the default candidate and any test candidate)."""
     with _lock:
@@ -183,20 +233,38 @@ def auto_distance(x, w, mask=None) -> Distance | None:
         if jax.default_backend() != "gpu":  # the Triton kernels lower for CUDA only
             return None
         candidate = _PALLAS
-    signature = Signature.of(x, w, mask)
+    return _checked(candidate, Signature.of(x, w, mask), check_candidate, "distance kernel")
+
+
+def auto_bounds(lower, w, mask=None) -> Bounds | None:
+    """The raw-bounds function certjax.bounds.lp_distance_bounds(kernel="auto") uses for this configuration:
+    the candidate (the Pallas bounds kernel on a GPU) if it passed check_bounds_candidate, None for the jnp
+    path. Checks on first use; lower, w, mask may be tracers."""
+    with _lock:
+        candidate = _bounds_override
+    if candidate is None:
+        if jax.default_backend() != "gpu":
+            return None
+        candidate = _PALLAS_BOUNDS
+    signature = Signature.of(lower, w, mask, op="bounds")
+    return _checked(candidate, signature, check_bounds_candidate, "interval-bounds kernel")
+
+
+def _checked(candidate, signature: Signature, check, what: str):
+    """candidate if its verdict for signature (reached now if new, then kept) is a pass, else None."""
     key = (candidate, signature)
     with _lock:  # held through the check: two threads tracing at once check a configuration once
         result = _decisions.get(key)
         if result is None:
-            result = _in_fresh_thread(lambda: _decide(candidate, signature))
+            result = _in_fresh_thread(lambda: _decide(candidate, signature, check))
             _decisions[key] = result
             if not result.ok:
                 warnings.warn(
-                    f"certjax: the distance kernel {_name(candidate)} failed its check for "
+                    f"certjax: the {what} {_name(candidate)} failed its check for "
                     f"{signature.describe()}: {result.reason}. kernel='auto' uses the jnp path for this "
                     "configuration (model.kernel=pallas would use the kernel anyway; =jnp skips the check).",
                     KernelFallbackWarning,
-                    stacklevel=4,  # the model code calling lp_distance
+                    stacklevel=5,  # the model code calling lp_distance / lp_distance_bounds
                 )
     return candidate if result.ok else None
 
@@ -238,6 +306,101 @@ def check_candidate(candidate: Distance, signature: Signature, *, seed: int = 0)
             )
     seconds = time.perf_counter() - start
     return CheckResult(signature, not problems, "; ".join(problems), errors, closest, seconds)
+
+
+def check_bounds_candidate(candidate: Bounds, signature: Signature, *, seed: int = 0) -> CheckResult:
+    """Compile the bounds `candidate` for `signature` and compare the rounded interval it gives through
+    certjax.bounds.lp_distance_bounds_with with the jnp path's on random boxes: each end within
+    `TOLERANCES`, and the candidate's interval containing the jnp path's up to the rounding allowance
+    (module docstring). Must run outside any trace. A failure of the jnp path itself is raised."""
+    from certjax import bounds
+
+    start = time.perf_counter()
+    lower, upper, w, mask = _random_boxes(signature, seed)
+    try:
+        outputs = _collect_bounds(candidate, (lower, upper, w, mask))
+    except Exception as error:  # a Triton compile error, an XLA error at run time, a kernel bug raising
+        reason = f"{type(error).__name__}: {_first_line(error)}"
+        return CheckResult(signature, False, reason, {}, "", time.perf_counter() - start)
+    reference = _collect_bounds(None, (lower, upper, w, mask))
+    errors, problems, worst = {}, [], None
+    for p, tolerance in TOLERANCES.items():
+        allowance = float(bounds.lp_rounding_allowance(signature.x_shape[1], np.float32(p)))
+        for end, sign in (("lower", 1.0), ("upper", -1.0)):
+            actual, expected, label = outputs[p][end], reference[p][end], f"p={p:g} {end}"
+            if actual.shape != expected.shape or actual.dtype != expected.dtype:
+                problems.append(
+                    f"{label} is {actual.dtype}{list(actual.shape)}, "
+                    f"not {expected.dtype}{list(expected.shape)}"
+                )
+                continue
+            errors[label] = _relative_error(actual, expected)
+            if worst is None or errors[label] / tolerance > worst[0]:
+                worst = (errors[label] / tolerance, label, errors[label], tolerance)
+            # lower: actual <= expected + slack; upper: actual >= expected - slack (nan: not contained)
+            slack = _containment_slack(expected, allowance)
+            excess = sign * (actual.astype(np.float64) - expected.astype(np.float64)) - slack
+            excess = np.where(np.isnan(excess), np.inf, excess)
+            if np.any(excess > 0):
+                problems.append(
+                    f"{label} bound is tighter than the jnp path's beyond rounding at "
+                    f"{int(np.sum(excess > 0))} of {excess.size} outputs (by up to "
+                    f"{float(np.max(excess)):.3g}): its interval does not contain the jnp interval"
+                )
+    closest = ""
+    if worst is not None:
+        ratio, label, error, tolerance = worst
+        closest = f"{label} {error:.2g} (tolerance {tolerance:g})"
+        if ratio > 1:
+            problems.insert(
+                0,
+                f"{label} differs from the jnp path by {error:.3g} of its largest magnitude "
+                f"(tolerance {tolerance:g})",
+            )
+    seconds = time.perf_counter() - start
+    return CheckResult(signature, not problems, "; ".join(problems), errors, closest, seconds)
+
+
+def _containment_slack(expected: np.ndarray, allowance: float) -> np.ndarray:
+    """How far a sound end may lie inside the jnp path's (float64): twice its relative allowance, two ulp,
+    two smallest normal floats."""
+    magnitude = np.abs(expected.astype(np.float64))
+    ulp = np.spacing(np.abs(expected).astype(np.float32)).astype(np.float64)
+    return 2.0 * allowance * magnitude + 2.0 * ulp + 2.0 * float(np.finfo(np.float32).tiny)
+
+
+def _random_boxes(signature: Signature, seed: int):
+    """Boxes [x - r, x + r] with x ~ N(0, 1), r ~ U(0, 0.5) (weights inside and outside their range), w ~ N(0,
+    1), mask as for the op; the same numbers in every process, on this process's first device."""
+    rng = np.random.default_rng(seed)
+    (batch, size), out = signature.x_shape, signature.w_shape[0]
+    x = rng.standard_normal((batch, size))
+    radius = 0.5 * rng.random((batch, size))
+    dtype = jnp.dtype(signature.x_dtype)
+    lower, upper = (x - radius).astype(dtype), (x + radius).astype(dtype)
+    w = rng.standard_normal((out, size), np.float32).astype(jnp.dtype(signature.w_dtype))
+    mask = None
+    if signature.mask_dtype is not None:
+        keep = rng.random((batch, size)) < 0.7
+        keep[0] = False
+        mask = keep.astype(jnp.dtype(signature.mask_dtype))
+    return jax.device_put((lower, upper, w, mask), jax.local_devices()[0])
+
+
+def _collect_bounds(candidate, inputs) -> dict[float, dict[str, np.ndarray]]:
+    """{p: {"lower": ..., "upper": ...}} through certjax.bounds.lp_distance_bounds_with (candidate None: the
+    jnp path); one compilation (p is traced)."""
+    from certjax import bounds
+
+    lower, upper, w, mask = inputs
+    run = jax.jit(
+        lambda lower, upper, w, mask, p: bounds.lp_distance_bounds_with(candidate, lower, upper, w, p, mask)
+    )
+    results = {}
+    for p in TOLERANCES:
+        lo, hi = jax.device_get(run(lower, upper, w, mask, np.float32(p)))
+        results[p] = {"lower": np.asarray(lo), "upper": np.asarray(hi)}
+    return results
 
 
 def _random_inputs(signature: Signature, seed: int):
@@ -292,11 +455,12 @@ def _relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.max(difference, initial=0.0)) / (scale or 1.0)
 
 
-def _decide(candidate: Distance, signature: Signature) -> CheckResult:
-    """check_candidate, then the verdict all processes share. A process whose check raised (the jnp path
-    failed) still takes part in the all-gather, as a failure, before raising: the others do not wait."""
+def _decide(candidate, signature: Signature, check=check_candidate) -> CheckResult:
+    """check (check_candidate or check_bounds_candidate), then the verdict all processes share. A process
+    whose check raised (the jnp path failed) still takes part in the all-gather, as a failure, before raising:
+    the others do not wait."""
     try:
-        result, error = check_candidate(candidate, signature), None
+        result, error = check(candidate, signature), None
     except Exception as raised:
         reason = f"the check itself failed: {type(raised).__name__}: {_first_line(raised)}"
         result, error = CheckResult(signature, False, reason, {}, "", 0.0), raised
@@ -340,7 +504,7 @@ def _in_fresh_thread(fn):
 
 
 def _name(candidate: Distance) -> str:
-    if candidate is _PALLAS:
+    if candidate is _PALLAS or candidate is _PALLAS_BOUNDS:
         return "Pallas (Triton)"
     return getattr(candidate, "__name__", None) or repr(candidate)
 

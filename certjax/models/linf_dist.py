@@ -65,11 +65,7 @@ class DistLayer(nn.Module):
         y = lp_distance(x, w, p, kernel=self.distance_kernel)
         sow_rounding_error(self, y)  # |x_i - w_i| rounds once; the max itself is exact
         if interval is not None:
-            interval = bounds.lp_distance_bounds(
-                *interval,
-                w,
-                p,
-            )
+            interval = bounds.lp_distance_bounds(*interval, w, p, kernel=self.distance_kernel)
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,))
             y = y + bias

@@ -77,7 +77,9 @@ class SortLayer(nn.Module):
         if in_mask is not None:
             y = masked_lp_distance(x, w, in_mask, p, kernel=self.distance_kernel)
             if interval is not None:
-                interval = bounds.lp_distance_bounds(*interval, w, p, mask=in_mask)
+                interval = bounds.lp_distance_bounds(
+                    *interval, w, p, mask=in_mask, kernel=self.distance_kernel
+                )
         else:
             weights = jnp.asarray(float32_sort_weights(self.q, x.shape[-1]))
             # the sort neuron's top-K stays on jax.lax.top_k on every backend (no Pallas kernel)
@@ -92,7 +94,7 @@ class SortLayer(nn.Module):
                 interval = jax.lax.cond(
                     jnp.isinf(p),
                     lambda: bounds.sort_distance_bounds(*interval, w, weights),
-                    lambda: bounds.lp_distance_bounds(*interval, w, p),
+                    lambda: bounds.lp_distance_bounds(*interval, w, p, kernel=self.distance_kernel),
                 )
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,))
