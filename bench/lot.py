@@ -38,7 +38,7 @@ def definition_conv(x, w, pad):
     n = x.shape[1] + 2 * pad
     spectrum = jnp.fft.rfft2(jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))), axes=(1, 2))
     out = jnp.einsum("hwoi,bhwi->bhwo", w, spectrum, precision=jax.lax.Precision.HIGHEST)
-    return jnp.fft.irfft2(out, s=(n, n), axes=(1, 2))[:, pad:-pad or None, pad:-pad or None, :]
+    return jnp.fft.irfft2(out, s=(n, n), axes=(1, 2))[:, pad : -pad or None, pad : -pad or None, :]
 
 
 def ortho_step(grids, weights_fn, iterations):
@@ -75,7 +75,13 @@ def layer_specs(model: lot.LipConvNet, side: int = 32):
             k = 1 if (stage == 4 and last) else 3
             side_out = side // stride
             specs.append(
-                (f"stage{stage + 1}_block{block + 1}", k, cin * stride**2, planes * stride, side_out + 2 * (k // 2))
+                (
+                    f"stage{stage + 1}_block{block + 1}",
+                    k,
+                    cin * stride**2,
+                    planes * stride,
+                    side_out + 2 * (k // 2),
+                )
             )
             cin, side = planes * stride, side_out
         planes *= 2
@@ -108,15 +114,28 @@ def main() -> None:
     kernels = [params[layer]["kernel"] for layer, *_ in specs]
     grids = [n for *_, n in specs]
     pads = [k // 2 for _, k, *_ in specs]
-    probes = [jax.random.normal(key, (n, n // 2 + 1, cout, cin)).astype(jnp.complex64) for *_, cin, cout, n in specs]
+    probes = [
+        jax.random.normal(key, (n, n // 2 + 1, cout, cin)).astype(jnp.complex64) for *_, cin, cout, n in specs
+    ]
     weights = [orthogonal_conv.orthogonal_frequency_weights(k, n, iterations) for k, n in zip(kernels, grids)]
     sides = [n - 2 * pad for n, pad in zip(grids, pads)]
     inputs = [jax.random.normal(key, (args.batch, s, s, cin)) for (_, _, cin, _, _), s in zip(specs, sides)]
     outs = [jax.random.normal(key, (args.batch, s, s, cout)) for (_, _, _, cout, _), s in zip(specs, sides)]
 
     def phases(weights_fn, conv_fn, select=slice(None)):
-        t_o = timed(ortho_step(grids[select], weights_fn, iterations), kernels[select], probes[select], repeats=args.repeats)
-        t_c = timed(conv_step(pads[select], conv_fn), weights[select], inputs[select], outs[select], repeats=args.repeats)
+        t_o = timed(
+            ortho_step(grids[select], weights_fn, iterations),
+            kernels[select],
+            probes[select],
+            repeats=args.repeats,
+        )
+        t_c = timed(
+            conv_step(pads[select], conv_fn),
+            weights[select],
+            inputs[select],
+            outs[select],
+            repeats=args.repeats,
+        )
         return t_o, t_c
 
     t_ortho, t_conv = phases(orthogonal_conv.orthogonal_frequency_weights, orthogonal_conv.fft_conv)
@@ -133,8 +152,13 @@ def main() -> None:
         )
     if args.per_layer:
         for i, (layer, k, cin, cout, n) in enumerate(specs):
-            t_o, t_c = phases(orthogonal_conv.orthogonal_frequency_weights, orthogonal_conv.fft_conv, slice(i, i + 1))
-            print(f"  {layer:14s} k{k} {cin:5d} -> {cout:5d} on {n:2d}x{n // 2 + 1:2d} bins: ortho {t_o * 1e3:8.1f} ms, conv {t_c * 1e3:8.1f} ms")
+            t_o, t_c = phases(
+                orthogonal_conv.orthogonal_frequency_weights, orthogonal_conv.fft_conv, slice(i, i + 1)
+            )
+            print(
+                f"  {layer:14s} k{k} {cin:5d} -> {cout:5d} on {n:2d}x{n // 2 + 1:2d} bins: "
+                f"ortho {t_o * 1e3:8.1f} ms, conv {t_c * 1e3:8.1f} ms"
+            )
 
 
 if __name__ == "__main__":

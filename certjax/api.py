@@ -15,9 +15,9 @@ last one padded), so its numbers equal evaluation's bit for bit (tests/test_api.
 l_p norm (the family's threat model) <= radius changes the prediction. `certified` = radius > eps (eps in
 pixel units, the checkpoint's `certify.eps` by default), or, for the l_inf families with
 `certify.method = both | ibp`, the interval-bound certificate of the predicted class at eps as evaluation
-computes it (then `certified_margin` and `certified_ibp` are returned as well). With labels, `correct` = prediction == label; a point
-counts for certified accuracy when correct and certified (evaluation's `certified`); evaluation's `radius`
-(of the true class) is radius on correct points and 0 on the others.
+computes it (then `certified_margin` and `certified_ibp` are returned as well). With labels, `correct` =
+prediction == label; a point counts for certified accuracy when correct and certified (evaluation's
+`certified`); evaluation's `radius` (of the true class) is radius on correct points and 0 on the others.
 """
 
 from __future__ import annotations
@@ -163,7 +163,10 @@ class CertifiedModel:
         variables = {**self._model_state, **self._bounds["variables"]}
         radius = round_up_float32(eps * exp.input_scale)
         for start in range(0, len(images), self.batch_size):
-            image, label = images[start : start + self.batch_size], prediction[start : start + self.batch_size]
+            image, label = (
+                images[start : start + self.batch_size],
+                prediction[start : start + self.batch_size],
+            )
             n, pad = len(image), self.batch_size - len(image)
             if pad:
                 image = np.concatenate([image, np.repeat(image[:1], pad, 0)])

@@ -122,13 +122,15 @@ def _orthogonalize(groups, iterations: int):
         grams.append((gram / norm, is_complex))
         products.append((rows, norm))
     out = []
-    for (w, is_complex), z, (rows, norm) in zip(groups, _newton_schulz(grams, iterations), products, strict=True):
+    for (w, is_complex), z, (rows, norm) in zip(
+        groups, _newton_schulz(grams, iterations), products, strict=True
+    ):
         product = _times(z, w, is_complex) if rows else _times(w, z, is_complex)
         out.append(product / jnp.sqrt(norm))
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bins(n: int, k: int):
     """Index sets of the n x n grid's rfft2 half-spectrum [n, n//2 + 1] and the DFT bases that give W(f) of a
     k x k kernel (float64 at trace time): W(f) = sum_d kernel[d]^T exp(+2 pi i f . (d - k//2) / n), the
@@ -156,7 +158,7 @@ def _bins(n: int, k: int):
     return complex_bins, real_bins, mirrored, cos, sin, basis(real_bins)[0]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _spectrum_index(n: int, k: int):
     """For each bin of the [n, n//2 + 1] half-spectrum (row-major), its row in concat([W'(complex bins),
     conj(W'(complex bins)), W'(real bins)])."""

@@ -154,7 +154,8 @@ class LOTConv(nn.Module):
         if self.has_variable(FROZEN, "weights"):
             w = self.get_variable(FROZEN, "weights")
         else:
-            # = orthogonalize(frequency_weights(kernel, n)), with less work (certjax/kernels/orthogonal_conv.py)
+            # = orthogonalize(frequency_weights(kernel, n)), with less work
+            # (certjax/kernels/orthogonal_conv.py)
             w = orthogonal_frequency_weights(kernel, n, self.iterations)
             if self.is_mutable_collection(FROZEN) and not self.is_initializing():
                 self.put_variable(FROZEN, "weights", w)
