@@ -4,8 +4,6 @@ operator norm of the layer as applied, the whole network's empirical Lipschitz r
 the guaranteed bound, and a tiny net trained by launch.py: PGD through the audit breaks no certificate and
 the rounding allowance covers a float64 numpy forward."""
 
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -301,8 +299,11 @@ def test_training_forward_uses_power_iteration_for_convs_and_one_for_cholesky_la
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
-    """LiResNet++ at width 8, a 2 x 32 CHORD MLP, 2 epochs on 256 embedded images from launch.py, with
-    the existing EMMA loss and AdamW (the recipe's exact EMMA and NAdam + Lookahead come separately)."""
+    """LiResNet++ at width 8 with a 2 x 32 CHORD MLP, trained by launch.py for 2 epochs on 256 embedded images
+    with the existing EMMA loss and AdamW (the recipe's exact EMMA and NAdam + Lookahead come separately),
+    then restored from its checkpoint as certjax.evaluate / the audit do: (stdout, Experiment, state)."""
+    from certjax import checkpoints
+    from certjax.train import Experiment
     from tests.conftest import run_launch
 
     workdir = tmp_path_factory.mktemp("liresnet_pp")
@@ -318,40 +319,39 @@ def launched(tmp_path_factory):
         "--config.train.batch_size=64",
         "--config.data.real_subset=256",
         "--config.train.eval_batch_size=250",
+        "--config.train.eval_every_epochs=2",
         "--config.optimizer.warmup_epochs=0",
         "--config.certify.eps=0.02",
-        mode="train_and_evaluate",
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    return workdir, result
+    manager = checkpoints.make_manager(str(workdir), read_only=True)
+    step = checkpoints.select_step(manager, "last")
+    exp = Experiment(checkpoints.restore_config(manager, step), need_train_data=False)
+    state = checkpoints.restore_state(manager, step, exp.abstract_restore_target())
+    manager.close()
+    return result.stdout, exp, state
 
 
-def test_launch_records_guaranteed_bounds(launched):
-    workdir, result = launched
-    assert "measured Lipschitz bound of the body" in result.stdout
-    (record,) = [json.loads(line) for line in (workdir / "results.jsonl").read_text().splitlines()]
-    assert record["family"] == "liresnet_pp"
-    lipschitz = record["lipschitz"]
-    assert lipschitz["lipschitz_body_assumed"] <= lipschitz["lipschitz_body_measured"]
-    assert set(lipschitz["cholesky_sigma_max"]) == {"neck_conv", "neck_linear", "mlp1", "mlp2"}
-    assert lipschitz["cholesky_largest_excess_over_1"] <= 1e-5
-    assert (
-        0.0
-        <= record["certified_accuracy"]
-        <= record["certified_accuracy_assumed"]
-        <= record["clean_accuracy"]
-    )
+TEST_POINTS = np.arange(0, 1000, 10)  # 100 test images: the audit and the float64 forward share the shapes
 
 
 def test_audit_breaks_no_certificate_of_the_launched_net(launched):
     from certjax import audit
 
-    workdir, _ = launched
-    report = audit.audit_workdir(str(workdir), "last", limit=100, steps=20, restarts=2, targets=2)
+    stdout, exp, state = launched
+    assert "certified" in stdout and exp.family.THREAT_MODEL == "l2"
+    images, labels = exp.sources.test.read(TEST_POINTS)
+    report = audit.audit_model(exp, state, images, labels, steps=20, restarts=1, targets=2, batch_size=100)
     assert report["certified_points"] >= 5, "the tiny model certifies too few points for a meaningful audit"
     assert report["broken"] == 0 and report["margin_drop_violations"] == 0 and report["sound"]
     assert report["certified_accuracy"] <= report["pgd_accuracy"] < report["clean_accuracy"]  # PGD works
     assert report["lipschitz"]["max_ratio_to_bound"] <= 1 + audit.RATIO_TOLERANCE
+    # the evaluation record's bounds: LiResNet's fields, the Cholesky layers measured (not assumed 1)
+    bounds = exp.last_bounds_report
+    assert bounds["lipschitz_body_assumed"] <= bounds["lipschitz_body_measured"]
+    assert set(bounds["cholesky_sigma_max"]) == {"neck_conv", "neck_linear", "mlp1", "mlp2"}
+    assert -0.01 < bounds["cholesky_largest_excess_over_1"] <= 1e-5
+    assert set(bounds["layer_sigma_power"]) == {"stem", "block1", "block2"}
 
 
 def _float64_logits(model, params, stats, frozen, images_uint8):
@@ -382,16 +382,8 @@ def _float64_logits(model, params, stats, frozen, images_uint8):
 
 
 def test_rounding_allowance_covers_a_float64_forward(launched):
-    from certjax import checkpoints
-    from certjax.train import Experiment
-
-    workdir, _ = launched
-    manager = checkpoints.make_manager(str(workdir), read_only=True)
-    step = checkpoints.select_step(manager, "last")
-    exp = Experiment(checkpoints.restore_config(manager, step), need_train_data=False)
-    state = checkpoints.restore_state(manager, step, exp.abstract_restore_target())
-    manager.close()
-    images, labels = exp.sources.test.read(np.arange(0, 1000, 10))
+    _, exp, state = launched
+    images, labels = exp.sources.test.read(TEST_POINTS)
     bounds = exp.certificate_bounds(state.params, state.model_state)
     logits, logit_error = exp.eval_step(
         state.params,

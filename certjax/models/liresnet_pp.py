@@ -119,6 +119,14 @@ class CentredResidualConv(nn.Module):
         return y - batch_mean, sigma, rounding
 
 
+def _frozen_or(module: nn.Module, orthogonalized):
+    """The frozen weight certificate_bounds measured (evaluation) or, without it, orthogonalized(): the
+    Cholesky factorisation is skipped where its result would be discarded (jax.export, eager calls)."""
+    if module.has_variable(FROZEN, "kernel"):
+        return module.get_variable(FROZEN, "kernel")
+    return orthogonalized()
+
+
 class CholeskyConv(nn.Module):
     """Map2Vec's conv: `features` x (4 x 4 x cin) weight, rows Cholesky-orthogonalised, stride 4, no bias."""
 
@@ -134,7 +142,10 @@ class CholeskyConv(nn.Module):
             lambda key, shape: jax.random.normal(key, shape, jnp.float32) / (4.0 * cin**0.5),
             (self.features, k * k * cin),
         )
-        kernel = cholesky_orthogonalize(weight).reshape(self.features, k, k, cin).transpose(1, 2, 3, 0)
+        kernel = _frozen_or(
+            self,
+            lambda: cholesky_orthogonalize(weight).reshape(self.features, k, k, cin).transpose(1, 2, 3, 0),
+        )
 
         def linear(v, w, precision, fast_gradient=False):
             return conv(v, w, k, 0, precision, fast_gradient)
@@ -175,7 +186,7 @@ class CholeskyDense(nn.Module):
                 lambda key, shape: jax.random.normal(key, shape, jnp.float32) / fan_in**0.5,
                 (self.features, fan_in),
             )
-        kernel = cholesky_orthogonalize(weight).T  # [in, out] for x @ kernel
+        kernel = _frozen_or(self, lambda: cholesky_orthogonalize(weight).T)  # [in, out] for x @ kernel
         return _lipschitz_layer(
             self, x, kernel, bias, dense, reuse=1, train=train, iterations=0, estimate=False
         )
