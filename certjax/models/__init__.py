@@ -21,6 +21,7 @@ FAMILIES = {
     "sortnet": "certjax.models.sortnet",
     "lot": "certjax.models.lot",
     "liresnet": "certjax.models.liresnet",
+    "liresnet_pp": "certjax.models.liresnet_pp",
 }
 
 

@@ -149,10 +149,14 @@ def _l2_per_example(x):
 # ----------------------------------------------------------------------------------------------- layers
 
 
-def _lipschitz_layer(module: nn.Module, x, kernel, bias, linear, *, reuse: int, train: bool, iterations):
+def _lipschitz_layer(
+    module: nn.Module, x, kernel, bias, linear, *, reuse: int, train: bool, iterations, estimate: bool = True
+):
     """Everything a LiResNet layer shares: the kernel as applied (cached at evaluation), the output, the
     power-iteration estimate of sigma_max, and the rounding allowance. Computes in x's dtype (float64 in the
     certifying forward). `reuse`: every input element is read by at most reuse^2 outputs per output channel.
+    estimate=False (LiResNet++'s Cholesky-orthogonalised layers): no power-iteration vector, sigma taken as 1
+    in training as the original does; certificate_bounds measures the layer all the same.
     Returns (y, sigma_estimate, rounding) with rounding = (local error [B], guaranteed sigma) when the
     "rounding" collection is asked for."""
     if module.has_variable(FROZEN, "kernel"):
@@ -164,7 +168,9 @@ def _lipschitz_layer(module: nn.Module, x, kernel, bias, linear, *, reuse: int, 
     y = linear(x, kernel, precision, train) + bias
 
     shape = (1,) + x.shape[1:]
-    if module.is_initializing() or module.has_variable(POWER, "u"):
+    if not estimate:
+        sigma = jnp.ones((), x.dtype)
+    elif module.is_initializing() or module.has_variable(POWER, "u"):
         u = module.variable(POWER, "u", lambda: jax.random.normal(module.make_rng("params"), shape))
         if train:
             fixed = jax.lax.stop_gradient(kernel)
@@ -178,7 +184,7 @@ def _lipschitz_layer(module: nn.Module, x, kernel, bias, linear, *, reuse: int, 
         raise ValueError(f"{module.name}: training needs the {POWER!r} collection (power-iteration vectors)")
     else:
         sigma = jnp.full((), jnp.nan, x.dtype)  # evaluation without the vectors: no estimate
-    if module.is_mutable_collection(ESTIMATES) and not module.is_initializing():
+    if estimate and module.is_mutable_collection(ESTIMATES) and not module.is_initializing():
         module.sow(ESTIMATES, "sigma", sigma)
 
     rounding = None
@@ -310,21 +316,23 @@ class LiResNet(nn.Module):
                     local, sigma_bound = rounding
                     error = local if error is None else sigma_bound * error + local
             if certifying:
-                features = h.astype(jnp.float32)
-                # body (float64) + rounding the features to float32 + the head's float32 matmul (worst case,
-                # unit rows) on top of what NormalizedLinear sows
-                error = error + (FLOAT32_UNIT_ROUNDOFF + 1.01 * _gamma(h.shape[-1], jnp.float32)) * (
-                    _l2_per_example(h)
-                )
-                sow_l2_rounding_error(self, _round_up_to_float32(error))
+                h = certified_features(self, h, error)
                 lipschitz = lipschitz.astype(jnp.float32)
-                h = features
         if return_features:
             return h
         head = NormalizedLinear(self.num_classes, name="head")
         logits = head(h)
         rows = normalized_rows(head.variables["params"]["kernel"])
         return logits, lipschitz * pairwise_distances(rows)
+
+
+def certified_features(module: nn.Module, h, error):
+    """The certifying forward's float64 body output h -> float32 features for the float32 LLN head; sows the
+    rounding allowance: the body's accumulated error bound `error` + rounding the features to float32 + the
+    head's float32 matmul (worst case, unit rows), on top of what NormalizedLinear sows itself."""
+    error = error + (FLOAT32_UNIT_ROUNDOFF + 1.01 * _gamma(h.shape[-1], jnp.float32)) * _l2_per_example(h)
+    sow_l2_rounding_error(module, _round_up_to_float32(error))
+    return h.astype(jnp.float32)
 
 
 def _round_up_to_float32(a):

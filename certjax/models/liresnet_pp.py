@@ -1,0 +1,339 @@
+"""LiResNet++ with CHORD layers (Hu et al., "A Recipe for Improved Certifiable Robustness", ICLR 2024; code
+hukkai/liresnet at HEAD: models/model.py GloroNet, models/blocks.py LiResConv / LiResMLP, models/model.py
+Map2Vec, models/cholesky_grad.py). Threat model l_2, eps 36/255.
+
+Network (input x - 0.5: the data config gives mean 0.5, std 1, as model.py GloroNet.forward `x.sub(.5)`):
+- stem: conv 3 -> W, 5x5, stride 2, padding 2, orthogonal init, bias, then MinMax (model.py build_stem; the
+  same layer as LiResNet's, `liresnet.LipschitzConv`);
+- D centred residual blocks (blocks.py LiResConv): one 3x3 conv with the merged kernel Dirac(I) + V gamma /
+  sqrt(D) (V ~ N(0, 1) / (9 W), gamma per output channel, init 1, bias 0). In training the residual branch
+  conv_V(x) is centred by its per-channel batch mean over (batch, height, width), x <- MinMax(x + conv_V(x) -
+  mean + bias); the mean stays in the graph (the original subtracts the undetached mean and detaches only the
+  copy it stores) and a detached copy updates a running mean, running += 0.1 (mean - running). At evaluation
+  the block is conv_{I + V gamma / sqrt(D)}(x) + (bias - running mean): a constant shift, so the layer's
+  Lipschitz constant is the merged conv's spectral norm, centred or not;
+- neck (model.py Map2Vec): a 4x4 stride-4 conv W -> W without bias or activation, flatten, a dense layer to
+  2048 with bias, then MinMax; both weights are Cholesky-orthogonalised row-wise (certjax/models/cholesky.py)
+  from inits N(0, 1) / (4 sqrt(W)) and N(0, 1) / sqrt(16 W);
+- CHORD MLP (blocks.py LiResMLP): 8 dense layers 2048 x 2048, W = I + V gamma / sqrt(8) (V ~ N(0, 1) / 2048,
+  gamma per output row, init 1, bias 0), each Cholesky-orthogonalised, each followed by MinMax;
+- head: LLN, rows normalised to unit l_2 norm (model.py `head` with use_lln; `NormalizedLinear`).
+Parameter layouts differ from the original's only by permutations of weight columns (the conv's (in, 4, 4)
+patch order, NHWC flattening); the orthogonalisation is row-wise, so it is unaffected.
+
+Training-time K (model.py sub_lipschitz): the product of power-iteration estimates of the stem and every
+block (10 warm-started iterations per step, liresnet's `_lipschitz_layer`; the original starts from a vector
+of ones, certjax from a random one); the Cholesky layers count as 1 (Map2Vec / LiResMLP `lipschitz` return 1
+in training). The margin bound of the EMMA losses is K ||w_i - w_j|| with the normalised head rows.
+
+Evaluation (`certificate_bounds`) uses guaranteed bounds only, in float64 numpy, of every layer AS APPLIED:
+the FFT/SVD bound of every conv (`liresnet.conv_norm_bound`: stem and blocks; the 4x4/4 neck conv reads
+disjoint patches and its bound is the exact SVD of its patch matrix), and the exact SVD of every Cholesky-
+orthogonalised dense weight: in float32 they are not exactly 1 (never assumed). The orthogonalised and merged
+weights are computed once and frozen in the "liresnet_frozen" collection, so evaluation applies exactly the
+arrays that were bounded. The running-mean shift is part of the bias (no Lipschitz effect). The certifying
+forward runs the body in float64 with liresnet's per-layer rounding allowance. The "assumed" bound is the
+original's evaluation (model.py sub_lipschitz in eval mode): 500 power iterations for stem and blocks times
+the Cholesky layers' SVDs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from certjax.certify import pair_lipschitz_matrix, pairwise_row_distances, round_up_float32_array
+from certjax.models.cholesky import cholesky_orthogonalize
+from certjax.models.layers import NormalizedLinear, computed_collection, max_min, normalized_rows
+from certjax.models.liresnet import (
+    BOUND_SAFETY,
+    ESTIMATES,
+    EVAL_POWER_ITERATIONS,
+    FROZEN,
+    POWER,
+    POWER_ITERATIONS,
+    LipschitzConv,
+    _lipschitz_layer,
+    _power_estimates,
+    certified_features,
+    conv,
+    conv_norm_bound,
+    dense,
+    dirac_kernel,
+    pairwise_distances,
+)
+
+THREAT_MODEL = "l2"
+STATS = "batch_stats"  # the running means of the centred blocks (Experiment.recalibrate's collection)
+MOMENTUM = 0.1  # blocks.py LiResConv: running_mean += (mean - running_mean) * 0.1
+NECK_PATCH = 4  # Map2Vec: 4x4 conv, stride 4
+
+
+class CentredResidualConv(nn.Module):
+    """blocks.py LiResConv, one block: merged 3x3 kernel I + V gamma / sqrt(depth), centred in training."""
+
+    features: int
+    depth: int
+    iterations: int = POWER_ITERATIONS
+    momentum: float = MOMENTUM
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        width = self.features
+        if x.shape[-1] != width:
+            raise ValueError(f"a residual block needs {width} input channels, got {x.shape[-1]}")
+        weight = self.param(
+            "weight",
+            lambda key, shape: jax.random.normal(key, shape, jnp.float32) / (9 * width),
+            (3, 3, width, width),
+        )
+        gamma = self.param("gamma", nn.initializers.ones, (width,))  # per output channel
+        bias = self.param("bias", nn.initializers.zeros, (width,))
+        running_mean = self.variable(STATS, "mean", lambda: jnp.zeros((width,), jnp.float32))
+        kernel = dirac_kernel(width) + weight * gamma * (self.depth**-0.5)
+
+        def linear(v, w, precision, fast_gradient=False):
+            return conv(v, w, 1, 1, precision, fast_gradient)
+
+        if not train:  # blocks.py: biases = bias - running_mean, one conv with the merged kernel
+            shift = bias - running_mean.value
+            return _lipschitz_layer(
+                self, x, kernel, shift, linear, reuse=3, train=False, iterations=self.iterations
+            )
+        y, sigma, rounding = _lipschitz_layer(
+            self, x, kernel, bias, linear, reuse=3, train=True, iterations=self.iterations
+        )
+        # the residual branch conv_V(x) = conv_{I + V}(x) - x: its per-channel mean over batch and space
+        batch_mean = jnp.mean(y - x, axis=(0, 1, 2)) - bias
+        if self.is_mutable_collection("batch_means") and not self.is_initializing():
+            self.sow("batch_means", "mean", jax.lax.stop_gradient(batch_mean))
+        if self.is_mutable_collection(STATS) and not self.is_initializing():
+            running_mean.value = running_mean.value + self.momentum * (
+                jax.lax.stop_gradient(batch_mean) - running_mean.value
+            )
+        return y - batch_mean, sigma, rounding
+
+
+def _frozen_or(module: nn.Module, orthogonalized):
+    """The frozen weight certificate_bounds measured (evaluation) or, without it, orthogonalized(): the
+    Cholesky factorisation is skipped where its result would be discarded (jax.export, eager calls)."""
+    if module.has_variable(FROZEN, "kernel"):
+        return module.get_variable(FROZEN, "kernel")
+    return orthogonalized()
+
+
+class CholeskyConv(nn.Module):
+    """Map2Vec's conv: `features` x (4 x 4 x cin) weight, rows Cholesky-orthogonalised, stride 4, no bias."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        cin, k = x.shape[-1], NECK_PATCH
+        if x.shape[1] % k or x.shape[2] % k:
+            raise ValueError(f"the neck's {k}x{k}/{k} conv needs a side divisible by {k}, got {x.shape}")
+        weight = self.param(  # model.py Map2Vec: randn(W, 16 W) / sqrt(W) / 4; columns ordered (h, w, in)
+            "weight",
+            lambda key, shape: jax.random.normal(key, shape, jnp.float32) / (4.0 * cin**0.5),
+            (self.features, k * k * cin),
+        )
+        kernel = _frozen_or(
+            self,
+            lambda: cholesky_orthogonalize(weight).reshape(self.features, k, k, cin).transpose(1, 2, 3, 0),
+        )
+
+        def linear(v, w, precision, fast_gradient=False):
+            return conv(v, w, k, 0, precision, fast_gradient)
+
+        no_bias = jnp.zeros((self.features,), jnp.float32)
+        return _lipschitz_layer(
+            self, x, kernel, no_bias, linear, reuse=1, train=train, iterations=0, estimate=False
+        )
+
+
+class CholeskyDense(nn.Module):
+    """A Cholesky-orthogonalised dense layer (rows of the [out, in] weight): Map2Vec's dense layer
+    (residual_depth 0: weight N(0, 1) / sqrt(in)) or one CHORD MLP layer (residual_depth n: weight
+    I + V gamma / sqrt(n), V ~ N(0, 1) / features, gamma per output row; blocks.py LiResMLP)."""
+
+    features: int
+    residual_depth: int = 0
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        fan_in = x.shape[-1]
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        if self.residual_depth:
+            if fan_in != self.features:
+                raise ValueError(f"a CHORD layer maps {self.features} features to themselves, got {fan_in}")
+            weight = self.param(
+                "weight",
+                lambda key, shape: jax.random.normal(key, shape, jnp.float32) / self.features,
+                (self.features, fan_in),
+            )
+            gamma = self.param("gamma", nn.initializers.ones, (self.features,))
+            weight = jnp.eye(fan_in, dtype=weight.dtype) + weight * gamma[:, None] * (
+                self.residual_depth**-0.5
+            )
+        else:
+            weight = self.param(
+                "weight",
+                lambda key, shape: jax.random.normal(key, shape, jnp.float32) / fan_in**0.5,
+                (self.features, fan_in),
+            )
+        kernel = _frozen_or(self, lambda: cholesky_orthogonalize(weight).T)  # [in, out] for x @ kernel
+        return _lipschitz_layer(
+            self, x, kernel, bias, dense, reuse=1, train=train, iterations=0, estimate=False
+        )
+
+
+class LiResNetPP(nn.Module):
+    """Stem, `depth` centred residual blocks, Cholesky neck, CHORD MLP, LLN head (model.py GloroNet).
+
+    apply(...) -> (logits, pair_bound) with pair_bound[i, j] = K ||w_i - w_j|| (w the normalised head rows, K
+    the product of the stem's and the blocks' power-iteration estimates; Cholesky layers 1 in training)."""
+
+    depth: int = 12
+    width: int = 512
+    num_classes: int = 10
+    neck_features: int = 2048
+    mlp_depth: int = 8
+    iterations: int = POWER_ITERATIONS
+    eval_iterations: int = EVAL_POWER_ITERATIONS  # certificate_bounds: the original's 500 before evaluation
+
+    @nn.compact
+    def __call__(self, x, p=None, *, train: bool = False, return_features: bool = False, dropout=None):
+        del p, dropout  # no l_p phase, no dropout (Experiment.recalibrate passes dropout=False)
+        if x.shape[1] != x.shape[2] or x.shape[1] % 8:
+            raise ValueError(f"LiResNet++ needs square inputs with a side divisible by 8, got {x.shape}")
+        # (layer, MinMax after it): model.py GloroNet.forward / Map2Vec.forward / LiResMLP.forward
+        layers = [(LipschitzConv(self.width, 5, 2, 2, self.iterations, name="stem"), True)]
+        layers += [
+            (CentredResidualConv(self.width, self.depth, self.iterations, name=f"block{i + 1}"), True)
+            for i in range(self.depth)
+        ]
+        layers += [
+            (CholeskyConv(self.width, name="neck_conv"), False),
+            (CholeskyDense(self.neck_features, name="neck_linear"), True),
+        ]
+        layers += [
+            (CholeskyDense(self.neck_features, self.mlp_depth, name=f"mlp{i + 1}"), True)
+            for i in range(self.mlp_depth)
+        ]
+        certifying = self.is_mutable_collection("rounding") and not self.is_initializing()
+        with jax.enable_x64(True) if certifying else contextlib.nullcontext():
+            h = jnp.asarray(x, jnp.float64) if certifying else jnp.asarray(x)  # numpy float64 -> float32
+            lipschitz, error = 1.0, None
+            for layer, activate in layers:
+                if isinstance(layer, CholeskyDense) and h.ndim > 2:
+                    h = h.reshape(h.shape[0], -1)
+                h, sigma, rounding = layer(h, train=train)
+                if activate:
+                    h = max_min(h)
+                lipschitz = lipschitz * sigma
+                if rounding is not None:  # a rounding error e before a layer leaves it as <= sigma e
+                    local, sigma_bound = rounding
+                    error = local if error is None else sigma_bound * error + local
+            if certifying:
+                h = certified_features(self, h, error)
+                lipschitz = lipschitz.astype(jnp.float32)
+        if return_features:
+            return h
+        head = NormalizedLinear(self.num_classes, name="head")
+        logits = head(h)
+        rows = normalized_rows(head.variables["params"]["kernel"])
+        return logits, lipschitz * pairwise_distances(rows)
+
+
+def build(model_config, num_classes: int) -> nn.Module:
+    return LiResNetPP(
+        depth=model_config.depth,
+        width=model_config.width,
+        num_classes=num_classes,
+        neck_features=model_config.get("neck_features", 2048),
+        mlp_depth=model_config.get("mlp_depth", 8),
+        iterations=model_config.get("power_iterations", POWER_ITERATIONS),
+        eval_iterations=model_config.get("eval_power_iterations", EVAL_POWER_ITERATIONS),
+    )
+
+
+def recalibrates_statistics(model_config) -> bool:
+    """The original keeps momentum-0.1 running means and evaluates with them (no recalibration); the option
+    replaces them by the exact average of batch means over one pass of the training batches before each
+    evaluation (Experiment.recalibrate), as SortNet does."""
+    return bool(model_config.get("recalibrate_statistics", False))
+
+
+# ------------------------------------------------------------------------------------------- certification
+
+
+def layer_geometry(model: LiResNetPP, input_side: int) -> dict[str, tuple[int, int, int, int] | None]:
+    """name -> (kernel size, stride, padding, input side) of every conv, None for dense layers, in order."""
+    side = input_side // 2  # after the stem
+    geometry = {"stem": (5, 2, 2, input_side)}
+    geometry.update({f"block{i + 1}": (3, 1, 1, side) for i in range(model.depth)})
+    geometry["neck_conv"] = (NECK_PATCH, NECK_PATCH, 0, side)
+    geometry["neck_linear"] = None
+    geometry.update({f"mlp{i + 1}": None for i in range(model.mlp_depth)})
+    return geometry
+
+
+def certificate_bounds(model: LiResNetPP, variables, input_shape=(1, 32, 32, 3)) -> dict:
+    """Guaranteed and assumed margin bounds of a checkpoint (the fields of liresnet.certificate_bounds).
+
+    Returns variables ({"liresnet_frozen": weights as applied + guaranteed sigmas}), pair_lipschitz [C, C]
+    (guaranteed: the product of every layer's float64 FFT/SVD bound times ||w_p - w_i|| of the normalised
+    head rows, float32 rounded up), assumed_pair_lipschitz (the original's evaluation: 500 warm-started power
+    iterations for stem and blocks, times the Cholesky layers' SVDs), input_error_gain (= the guaranteed K)
+    and a report with every layer's figures and how far the Cholesky layers are from the 1 training assumes.
+    """
+    variables = {name: value for name, value in variables.items() if name not in (FROZEN, ESTIMATES)}
+    input_shape = tuple(input_shape)
+    if POWER not in variables or STATS not in variables:
+        raise ValueError(
+            f"certificate_bounds needs the {POWER!r} and {STATS!r} collections of the checkpoint"
+        )
+    frozen = flax.core.unfreeze(computed_collection(model, variables, input_shape, FROZEN))
+    sigmas, cholesky = {}, {}
+    for name, geometry in layer_geometry(model, input_shape[1]).items():
+        kernel = np.asarray(frozen[name]["kernel"], np.float64)
+        if geometry is None:
+            sigma = float(np.linalg.svd(kernel, compute_uv=False)[0])
+        else:
+            k, stride, padding, side = geometry
+            sigma = conv_norm_bound(kernel, stride, padding, side)
+        if name == "neck_conv" or geometry is None:
+            cholesky[name] = sigma  # exact for these (disjoint patches / a matrix)
+        sigmas[name] = sigma * BOUND_SAFETY
+        frozen[name]["sigma_bound"] = jnp.asarray(round_up_float32_array(sigmas[name]))
+    guaranteed = float(np.prod(list(sigmas.values())))
+    stored = _power_estimates(model, variables, input_shape, 0)
+    converged = _power_estimates(model, variables, input_shape, model.eval_iterations)
+    cholesky_product = float(np.prod(list(cholesky.values())))
+    power = float(np.prod(list(converged.values()))) * cholesky_product
+
+    # as liresnet.certificate_bounds: rows normalised in float32 may differ by a few ulps from the forward's
+    rows = np.asarray(normalized_rows(jnp.asarray(variables["params"]["head"]["kernel"])), np.float64)
+    distances = pairwise_row_distances(rows) * (1.0 + 1e-9) + 1e-6
+    return {
+        "variables": {FROZEN: frozen},
+        "pair_lipschitz": pair_lipschitz_matrix(guaranteed * distances),
+        "assumed_pair_lipschitz": pair_lipschitz_matrix(power * distances),
+        "input_error_gain": float(round_up_float32_array(guaranteed)),
+        "report": {
+            "lipschitz_body_measured": guaranteed,
+            "lipschitz_body_assumed": power,
+            # training's K: the stored power-iteration vectors, the Cholesky layers taken as 1
+            "lipschitz_body_training_estimate": float(np.prod(list(stored.values()))),
+            "layer_sigma_bound": sigmas,
+            "layer_sigma_power": converged,
+            "cholesky_sigma_max": cholesky,
+            "cholesky_largest_excess_over_1": max(cholesky.values()) - 1.0,
+            "eval_power_iterations": model.eval_iterations,
+        },
+    }
