@@ -71,7 +71,8 @@ def get_config(arg: str = "cifar10"):
     # timm.optim.Lookahead(alpha=0.5, k=6); tools/scheduler.py: linear warmup per step, then cosine
     config.optimizer = dict(
         name="nadam", lr=1e-3, scale_lr=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
-        schedule="cosine", warmup_epochs=20, clip_norm=3.0, lookahead=dict(alpha=0.5, steps=6),
+        schedule="cosine", warmup_epochs=20, clip_norm=3.0, momentum_decay=4e-3,
+        lookahead=dict(alpha=0.5, k=6, sync_every_epoch=True, enabled=True),
     )  # fmt: skip
     config.loss = dict(
         name="emma_exact",

@@ -11,6 +11,29 @@ if str(REPO) not in sys.path:
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
+def _share_compilations() -> None:
+    """One persistent XLA compilation cache for this test session, in this process and every launch.py
+    subprocess it starts (they inherit the environment): the end-to-end tests train, kill, resume and
+    evaluate the same tiny configs many times, and on 2 cores recompiling the same train step in every
+    process was a large share of the suite's time. Entries are keyed by the program's HLO, jax/jaxlib
+    versions and flags, so a hit is the same executable. A fresh directory per session (set
+    CERTJAX_TEST_JAX_CACHE to keep one across sessions); pytest-xdist workers inherit the controller's."""
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    import atexit
+    import shutil
+    import tempfile
+
+    directory = os.environ.get("CERTJAX_TEST_JAX_CACHE") or tempfile.mkdtemp(prefix="certjax-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+    if "CERTJAX_TEST_JAX_CACHE" not in os.environ:
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+
+
+_share_compilations()
+
+
 def launch_env(devices: int = 1) -> dict:
     """Environment for a launch.py subprocess: CPU, `devices` host devices, the repo importable."""
     import os as _os
@@ -44,6 +67,9 @@ TINY_RUNS = {
     "liresnet": ("configs/liresnet.py", "XS,demo",
                  {"model.width": 8, "model.neck_features": 32, "model.eval_power_iterations": 50,
                   "optimizer.warmup_epochs": 0, "certify.eps": 0.02}),
+    "liresnet_pp": ("configs/liresnet_pp.py", "demo",
+                    {"model.width": 8, "model.neck_features": 32, "model.eval_power_iterations": 50,
+                     "optimizer.warmup_epochs": 0, "certify.eps": 0.02}),
 }  # fmt: skip
 
 

@@ -14,9 +14,9 @@ import pytest
 import certjax
 from certjax import evaluate
 from certjax.data.sources import make_real_source
-from tests.conftest import REPO, SHARED_DATA, launch_env
+from tests.conftest import REPO, SHARED_DATA, TINY_RUNS, launch_env
 
-FAMILIES = ["linf_dist", "sortnet", "lot", "liresnet"]
+FAMILIES = sorted(TINY_RUNS)  # every family, as its tiny run
 REAL_TEST_ZIP = SHARED_DATA / "cifar10-jpeg-test.zip"
 
 

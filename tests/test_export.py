@@ -13,9 +13,9 @@ import certjax
 from certjax.data.sources import make_real_source
 from certjax.export import export_model
 from certjax.exported import ExportError, load_exported
-from tests.conftest import REPO, launch_env
+from tests.conftest import REPO, TINY_RUNS, launch_env
 
-FAMILIES = ["linf_dist", "sortnet", "lot", "liresnet"]
+FAMILIES = sorted(TINY_RUNS)  # every family, as its tiny run
 
 LOADER = """
 import sys

@@ -299,19 +299,26 @@ def test_training_forward_uses_power_iteration_for_convs_and_one_for_cholesky_la
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
-    """LiResNet++ at width 8 with a 2 x 32 CHORD MLP, trained by launch.py for 2 epochs on 256 embedded images
-    with the existing EMMA loss and AdamW (the recipe's exact EMMA and NAdam + Lookahead come separately),
-    then restored from its checkpoint as certjax.evaluate / the audit do: (stdout, Experiment, state)."""
+    """LiResNet++ at width 8 with a 2 x 32 CHORD MLP, trained by launch.py with the whole recipe (exact EMMA,
+    NAdam in Lookahead, 25 % real per batch with real-pass epochs, RandAugment on the real rows, pad 2 on the
+    generated ones) for 2 epochs of 256 embedded real images and a generated-format .npz on disk (other
+    embedded training images), then restored from its checkpoint as certjax.evaluate / the audit do:
+    (stdout, Experiment, state)."""
     from certjax import checkpoints
+    from certjax.data import sources
     from certjax.train import Experiment
     from tests.conftest import run_launch
 
     workdir = tmp_path_factory.mktemp("liresnet_pp")
+    train = sources.make_real_source("demo", "train", "cifar10")
+    images, labels = train.read(np.arange(len(train) - 1000, len(train)))
+    npz = workdir / "generated.npz"
+    np.savez(npz, image=np.asarray(images, np.uint8), label=np.asarray(labels, np.int64))
     result = run_launch(
         "configs/liresnet_pp.py:demo",
-        workdir,
-        "--config.loss.name=emma",
-        "--config.optimizer.name=adamw",
+        workdir / "run",
+        f"--config.data.generated={npz}",
+        "--config.data.real_fraction=0.25",
         "--config.model.width=8",
         "--config.model.neck_features=32",
         "--config.model.eval_power_iterations=50",
@@ -324,7 +331,9 @@ def launched(tmp_path_factory):
         "--config.certify.eps=0.02",
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    manager = checkpoints.make_manager(str(workdir), read_only=True)
+    # real-pass epochs: 16 real images per batch of 64 -> 16 steps per epoch; the log shows the real part
+    assert "steps/epoch=16" in result.stdout and "(real " in result.stdout, result.stdout[-2000:]
+    manager = checkpoints.make_manager(str(workdir / "run"), read_only=True)
     step = checkpoints.select_step(manager, "last")
     exp = Experiment(checkpoints.restore_config(manager, step), need_train_data=False)
     state = checkpoints.restore_state(manager, step, exp.abstract_restore_target())
