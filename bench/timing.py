@@ -19,10 +19,11 @@ def timed(fn, *args, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def train_step_timer(config, batch_size: int):
+def train_step_timer(config, batch_size: int, num_real: int | None = None):
     """(step, state, batch, schedule) for certjax's own jitted training step (Experiment.train_step:
     augmentation, forward, loss, backward, optimiser) on random uint8 images; the embedded demo test split
-    only gives Experiment its class count (no dataset is read for training)."""
+    only gives Experiment its class count (no dataset is read for training). num_real: rows taken as real
+    images (the rest as generated ones, for per-source augmentation); default all."""
     import numpy as np
 
     from certjax import schedules
@@ -31,6 +32,8 @@ def train_step_timer(config, batch_size: int):
     config.data.real = "demo"
     config.train.batch_size = batch_size
     experiment = Experiment(config, need_train_data=False)
+    if num_real is not None:
+        experiment.num_real = num_real
     rng = np.random.default_rng(0)
     batch = experiment.global_batch(
         {

@@ -239,6 +239,10 @@ class Experiment:
             self.steps_per_epoch = math.ceil(len(self.sources.test) / config.train.batch_size)
         else:
             self.steps_per_epoch = 1  # only the optimiser's schedule uses it, and nothing trains
+        if not need_train_data:
+            # no training batches (evaluation, the API, benches): a train step, if one is timed, takes every
+            # row as real unless the caller says otherwise (bench/timing.py train_step_timer(num_real=...))
+            self.num_real = config.train.batch_size
         self.total_steps = config.train.epochs * self.steps_per_epoch
         self.tx = make_optimizer(config.optimizer, self.total_steps, self.steps_per_epoch)
         # Outputs pinned to the replicated layout: the state every process holds, whole, after each step.

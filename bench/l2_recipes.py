@@ -1,0 +1,75 @@
+"""Training-step throughput of LiResNet++ (CHORD) against the seed's LiResNet, side by side in one run, at the
+small matched sizes of experiments/l2_recipes.py (about 340k-356k parameters) or at any other width / depth.
+
+Each figure is certjax's own jitted training step (Experiment.train_step: per-source augmentation, forward,
+loss, backward, optimiser) on random uint8 images, with each recipe's mix when `--pool` is given (LiResNet
+30 % real; LiResNet++ 25 % real with RandAugment on the real rows, pad 2 on the generated ones) and real
+images only otherwise.
+
+  python bench/l2_recipes.py                    # the experiment's sizes, batch 128, both mixes
+  python bench/l2_recipes.py --width 64 --depth 6 --batch 256 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from timing import time_train_steps, train_step_timer
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from certjax.data.pipeline import real_count  # noqa: E402
+from experiments.l2_recipes import RECIPES  # noqa: E402
+
+
+def recipe_config(recipe: str, pool: bool, width: int, depth: int):
+    import importlib.util
+
+    from experiments.l2_recipes import REPO
+
+    config_path, overrides, fraction, _ = RECIPES[recipe]
+    path, _, variant = config_path.partition(":")
+    spec = importlib.util.spec_from_file_location(recipe, os.path.join(REPO, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(variant) if variant else module.get_config()
+    for override in overrides:
+        key, value = override.removeprefix("--config.").split("=")
+        *parents, leaf = key.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = type(node[leaf])(value)
+    if width:
+        config.model.width = width
+    if depth:
+        config.model.depth = depth
+    config.data.real_fraction = fraction if pool else 1.0
+    return config
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--width", type=int, default=0, help="override both recipes' width (0: experiment's)")
+    parser.add_argument("--depth", type=int, default=0, help="override both recipes' depth (0: experiment's)")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    print(f"batch {args.batch}, {args.repeats} steps after one that compiles")
+    for pool in (False, True):
+        speeds = {}
+        for recipe in RECIPES:
+            config = recipe_config(recipe, pool, args.width, args.depth)
+            num_real = real_count(args.batch, config.data.real_fraction)
+            step, state, batch, schedule = train_step_timer(config, args.batch, num_real)
+            seconds = time_train_steps(step, state, batch, schedule, args.repeats)
+            speeds[recipe] = args.batch / seconds
+            mix = f"{config.data.real_fraction:.0%} real" if pool else "real only"
+            print(f"  {recipe:12s} ({mix:9s}) {seconds * 1e3:8.1f} ms/step {speeds[recipe]:8.1f} img/s")
+        print(f"  liresnet_pp / liresnet: {speeds['liresnet_pp'] / speeds['liresnet']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
