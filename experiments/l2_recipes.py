@@ -155,15 +155,15 @@ def _last_record(path: str) -> dict:
 def table(args) -> str:
     """One markdown row per run from its results.jsonl (evaluation of the last checkpoint) and train log."""
     rows = [
-        "| recipe | pool | clean | certified 36/255 | train clean (real part) | train - test gap | img/s |",
-        "|---|---|---|---|---|---|---|",
+        "| recipe | pool | steps | clean | certified 36/255 | train clean | train - test gap | img/s (log) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for recipe in RECIPES:
         for pool in (False, True):
             workdir = run_dir(args, recipe, pool)
             results = os.path.join(workdir, "results.jsonl")
             if not os.path.exists(results):
-                rows.append(f"| {recipe} | {'yes' if pool else 'no'} | (not run) | | | | |")
+                rows.append(f"| {recipe} | {'yes' if pool else 'no'} | (not run) | | | | | |")
                 continue
             record = _last_record(results)
             clean = record.get("clean_accuracy", float("nan"))
@@ -171,7 +171,8 @@ def table(args) -> str:
             train_clean = record.get("train_clean_accuracy", float("nan"))
             speed = images_per_second(workdir)
             rows.append(
-                f"| {recipe} | {'yes' if pool else 'no'} | {100 * clean:.2f} % | {100 * cert:.2f} % | "
+                f"| {recipe} | {'yes' if pool else 'no'} | {record.get('step', 0)} | {100 * clean:.2f} % | "
+                f"{100 * cert:.2f} % | "
                 f"{100 * train_clean:.2f} % | {100 * (train_clean - clean):.2f} | {speed:.1f} |"
             )
     return "\n".join(rows) + "\n"

@@ -332,7 +332,7 @@ def launched(tmp_path_factory):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     # real-pass epochs: 16 real images per batch of 64 -> 16 steps per epoch; the log shows the real part
-    assert "steps/epoch=16" in result.stdout and "(real " in result.stdout, result.stdout[-2000:]
+    assert "steps/epoch=16 (real_pass)" in result.stdout and "(real " in result.stdout, result.stdout[-2000:]
     manager = checkpoints.make_manager(str(workdir / "run"), read_only=True)
     step = checkpoints.select_step(manager, "last")
     exp = Experiment(checkpoints.restore_config(manager, step), need_train_data=False)

@@ -115,7 +115,7 @@ def single_device_runs(tmp_path_factory):
 @pytest.mark.parametrize("family", sorted(CONFIGS))
 def test_eight_host_devices_train_like_one(tmp_path, single_device_runs, family):
     result = _run(_command(family, tmp_path / "eight"), devices=8)
-    assert "steps/epoch=4 batch=64" in result.stdout
+    assert "steps/epoch=4 (real_set) batch=64" in result.stdout
     step_1, state_1 = _model(single_device_runs[family])
     step_8, state_8 = _model(tmp_path / "eight")
     assert step_1 == step_8 == 8
