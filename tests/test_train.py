@@ -101,42 +101,36 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
     resume_after_sigkill_matches(tmp_path, lambda workdir: _launch(workdir, *args), 16, 24 * 4)
 
 
-LOOKAHEAD_CONFIG = """
-from configs.liresnet import get_config as liresnet_config
-
-
-def get_config(arg):
-    config = liresnet_config(arg)
-    config.optimizer.lookahead = dict(alpha=0.5, k=3, sync_every_epoch=True)
-    return config
-"""
-
-
-def test_resume_after_sigkill_with_nadam_and_lookahead_is_bit_exact(tmp_path):
-    """The LiResNet demo config with NAdam inside Lookahead (k = 3 and a sync at every epoch end; 4 steps per
-    epoch, so each checkpoint lands at another phase of the k-cycle): the slow weights and the step counter
-    live in the optimiser state, so a resumed run is bitwise the uninterrupted one. (The override
-    optimizer.lookahead is set by a config file: ml_collections cannot override a key the config file
-    lacks.)"""
-    config_file = tmp_path / "liresnet_lookahead.py"
-    config_file.write_text(LOOKAHEAD_CONFIG)
+def test_resume_after_sigkill_of_liresnet_pp_is_bit_exact(tmp_path):
+    """LiResNet++ (configs/liresnet_pp.py:demo at width 8) with its whole recipe: NAdam inside Lookahead
+    (k = 3 here, and a sync at every epoch end), exact EMMA, the centred blocks' running means, half of
+    every batch from a generated-format .npz with real-pass epochs (32 real of 64: 8 steps per epoch, so
+    the checkpoints at steps 8 and 16 land at other phases of the k-cycle), RandAugment on the real rows
+    and pad 2 on the generated ones. The slow weights and the step counter live in the optimiser state,
+    the running means in the model state and the augmentation is a function of (seed, step): a resumed
+    run is bitwise the uninterrupted one."""
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "generated.npz"
+    images = rng.integers(0, 256, (512, 32, 32, 3), dtype=np.uint8)
+    np.savez(npz, image=images, label=rng.integers(0, 10, 512))
     args = [
-        "--config.optimizer.name=nadam", "--config.model.width=8", "--config.model.neck_features=32",
+        f"--config.data.generated={npz}", "--config.data.real_fraction=0.5",
+        "--config.optimizer.lookahead.k=3", "--config.model.width=8", "--config.model.neck_features=32",
         "--config.model.eval_power_iterations=20", "--config.optimizer.warmup_epochs=1",
-        "--config.certify.eps=0.02", "--config.train.epochs=6", "--config.train.batch_size=64",
+        "--config.certify.eps=0.02", "--config.train.epochs=3", "--config.train.batch_size=64",
         "--config.data.real_subset=256", "--config.train.eval_batch_size=100",
         "--config.train.eval_subset=100", "--config.checkpoint.every_epochs=1",
         "--config.train.log_every_steps=1000",
     ]  # fmt: skip
 
     def command(workdir):
-        return launch_command(f"{config_file}:XS,demo", workdir, *args)
+        return launch_command("configs/liresnet_pp.py:demo", workdir, *args)
 
-    state = resume_after_sigkill_matches(tmp_path, command, 8, 6 * 4)  # killed after >= 2 of 6 epochs
+    state = resume_after_sigkill_matches(tmp_path, command, 8, 3 * 8)  # killed after >= 1 of 3 epochs
     opt_state = state["opt_state"]
     # the checkpoint holds the slow weights (equal to the fast ones right after the epoch-end sync) and the
     # optimiser's own step counter
-    assert int(opt_state["count"]) == 6 * 4
+    assert int(opt_state["count"]) == 3 * 8
     leaves_slow, leaves_params = jax.tree.leaves(opt_state["slow"]), jax.tree.leaves(state["params"])
     assert len(leaves_slow) == len(leaves_params) > 0
     for a, b in zip(leaves_slow, leaves_params):
