@@ -21,32 +21,16 @@ from timing import time_train_steps, train_step_timer
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from certjax.data.pipeline import real_count  # noqa: E402
-from experiments.l2_recipes import RECIPES  # noqa: E402
+from experiments.l2_recipes import RECIPES, recipe_config  # noqa: E402
 
 
-def recipe_config(recipe: str, pool: bool, width: int, depth: int):
-    import importlib.util
-
-    from experiments.l2_recipes import REPO
-
-    config_path, overrides, fraction, _ = RECIPES[recipe]
-    path, _, variant = config_path.partition(":")
-    spec = importlib.util.spec_from_file_location(recipe, os.path.join(REPO, path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(variant) if variant else module.get_config()
-    for override in overrides:
-        key, value = override.removeprefix("--config.").split("=")
-        *parents, leaf = key.split(".")
-        node = config
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = type(node[leaf])(value)
+def bench_config(recipe: str, pool: bool, width: int, depth: int):
+    config = recipe_config(recipe)
     if width:
         config.model.width = width
     if depth:
         config.model.depth = depth
-    config.data.real_fraction = fraction if pool else 1.0
+    config.data.real_fraction = RECIPES[recipe][2] if pool else 1.0
     return config
 
 
@@ -61,7 +45,7 @@ def main() -> None:
     for pool in (False, True):
         speeds = {}
         for recipe in RECIPES:
-            config = recipe_config(recipe, pool, args.width, args.depth)
+            config = bench_config(recipe, pool, args.width, args.depth)
             num_real = real_count(args.batch, config.data.real_fraction)
             step, state, batch, schedule = train_step_timer(config, args.batch, num_real)
             seconds = time_train_steps(step, state, batch, schedule, args.repeats)

@@ -94,30 +94,36 @@ def plan(args) -> list[list[str]]:
     return commands
 
 
-def parameter_counts() -> dict[str, int]:
-    """Parameters of each recipe at the small size (the overrides above applied to its config)."""
+def recipe_config(recipe: str):
+    """The recipe's config file with its small-size overrides of RECIPES applied."""
     import importlib.util
 
+    config_path, overrides, _, _ = RECIPES[recipe]
+    path, _, variant = config_path.partition(":")
+    spec = importlib.util.spec_from_file_location(recipe, os.path.join(REPO, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(variant) if variant else module.get_config()
+    for override in overrides:
+        key, value = override.removeprefix("--config.").split("=")
+        *parents, leaf = key.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = type(node[leaf])(value)
+    return config
+
+
+def parameter_counts() -> dict[str, int]:
+    """Parameters of each recipe at the small size (the overrides above applied to its config)."""
     import jax
     import jax.numpy as jnp
-    import ml_collections
 
     from certjax.models import get_family
 
     counts = {}
-    for recipe, (config_path, overrides, _, _) in RECIPES.items():
-        path, _, variant = config_path.partition(":")
-        spec = importlib.util.spec_from_file_location(recipe, os.path.join(REPO, path))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        config: ml_collections.ConfigDict = module.get_config(variant) if variant else module.get_config()
-        for override in overrides:
-            key, value = override.removeprefix("--config.").split("=")
-            *parents, leaf = key.split(".")
-            node = config
-            for parent in parents:
-                node = node[parent]
-            node[leaf] = type(node[leaf])(value)
+    for recipe in RECIPES:
+        config = recipe_config(recipe)
         model = get_family(config.model.name).build(config.model, 10)
         variables = jax.eval_shape(
             lambda m=model: m.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)

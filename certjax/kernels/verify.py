@@ -294,18 +294,7 @@ def check_candidate(candidate: Distance, signature: Signature, *, seed: int = 0)
             errors[label] = _relative_error(actual, expected)
             if worst is None or errors[label] / tolerance > worst[0]:
                 worst = (errors[label] / tolerance, label, errors[label], tolerance)
-    closest = ""
-    if worst is not None:
-        ratio, label, error, tolerance = worst
-        closest = f"{label} {error:.2g} (tolerance {tolerance:g})"
-        if ratio > 1:
-            problems.insert(
-                0,
-                f"{label} differs from the jnp path by {error:.3g} of its largest magnitude "
-                f"(tolerance {tolerance:g})",
-            )
-    seconds = time.perf_counter() - start
-    return CheckResult(signature, not problems, "; ".join(problems), errors, closest, seconds)
+    return _check_result(signature, errors, problems, worst, start)
 
 
 def check_bounds_candidate(candidate: Bounds, signature: Signature, *, seed: int = 0) -> CheckResult:
@@ -347,6 +336,12 @@ def check_bounds_candidate(candidate: Bounds, signature: Signature, *, seed: int
                     f"{int(np.sum(excess > 0))} of {excess.size} outputs (by up to "
                     f"{float(np.max(excess)):.3g}): its interval does not contain the jnp interval"
                 )
+    return _check_result(signature, errors, problems, worst, start)
+
+
+def _check_result(signature, errors: dict, problems: list, worst, start: float) -> CheckResult:
+    """The verdict of a check: `worst` = (error / tolerance, label, error, tolerance) of the output closest to
+    its tolerance (None if none compared) becomes `closest` and, above its tolerance, the first problem."""
     closest = ""
     if worst is not None:
         ratio, label, error, tolerance = worst
