@@ -255,8 +255,8 @@ def family_worker(plan: Plan, spec: str, smoke: bool) -> None:
     import jax
     import numpy as np
 
-    from certjax import schedules
     from certjax.kernels import verify
+    from certjax.optim import schedules
     from certjax.train import Experiment
 
     name, _, variant = spec.partition(":")

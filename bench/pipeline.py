@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from certjax import schedules  # noqa: E402
+from certjax.optim import schedules  # noqa: E402
 from certjax.train import Experiment  # noqa: E402
 from configs.linf_dist import get_config  # noqa: E402
 

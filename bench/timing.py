@@ -26,7 +26,7 @@ def train_step_timer(config, batch_size: int, num_real: int | None = None):
     images (the rest as generated ones, for per-source augmentation); default all."""
     import numpy as np
 
-    from certjax import schedules
+    from certjax.optim import schedules
     from certjax.train import Experiment
 
     config.data.real = "demo"

@@ -35,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from certjax import bounds as interval_bounds
-from certjax import checkpoints, schedules
+from certjax import checkpoints
 from certjax.certify import certify_method, get_certifier, pixel_radius_scale, round_up_float32
 from certjax.config_checks import check_config
 from certjax.data import pipeline
@@ -43,7 +43,7 @@ from certjax.data.augment import augment_batch, normalize
 from certjax.losses import get_loss
 from certjax.models import get_family
 from certjax.models.layers import FLOAT32_ROUNDING
-from certjax.optimizers import adamw_lp, lookahead, torch_nadam
+from certjax.optim import make_optimizer, schedules
 from certjax.writers import MetricWriter, console
 
 
@@ -97,92 +97,6 @@ def batch_accuracies(logits, labels, num_real: int) -> dict[str, jax.Array]:
     """Per-example correctness of the whole batch and of its first num_real (real) rows, float32."""
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
     return {"accuracy": correct, "accuracy_real": correct[:num_real]}
-
-
-# ----------------------------------------------------------------------------------------------- optimiser
-
-
-def learning_rate_schedule(opt_config, base_lr: float, total_steps: int, steps_per_epoch: int):
-    warmup = int(round(opt_config.get("warmup_epochs", 0) * steps_per_epoch))
-    name = opt_config.schedule
-    if name == "cosine":
-        decay = optax.cosine_decay_schedule(base_lr, max(total_steps - warmup, 1))
-    elif name == "constant":
-        decay = optax.constant_schedule(base_lr)
-    elif name == "hold_cosine":
-        # l_inf-dist Net v1 (main.py create_schedule): constant for the first hold_fraction of the steps,
-        # then cosine to 0 over the rest
-        hold = int(round(opt_config.hold_fraction * total_steps)) - warmup
-        cosine = optax.cosine_decay_schedule(base_lr, max(total_steps - warmup - hold, 1))
-        decay = optax.join_schedules([optax.constant_schedule(base_lr), cosine], [hold])
-    elif name == "multistep":
-        boundaries = {
-            int(round(f * total_steps)) - warmup: opt_config.get("gamma", 0.1)
-            for f in opt_config.get("milestones", (0.5, 0.75))
-        }
-        decay = optax.piecewise_constant_schedule(base_lr, boundaries)
-    else:
-        raise ValueError(f"optimizer.schedule {name!r}; valid: cosine, constant, multistep, hold_cosine")
-    if warmup:
-        return optax.join_schedules([optax.linear_schedule(0.0, base_lr, warmup), decay], [warmup])
-    return decay
-
-
-def make_optimizer(opt_config, total_steps: int, steps_per_epoch: int):
-    """Adam/AdamW/NAdam/SGD with a per-step schedule; the logit scale gets its own learning rate (v2: 0.006).
-
-    optimizer.lookahead = dict(alpha, k, sync_every_epoch[, enabled]) wraps the whole update (clipping
-    included) in Lookahead (certjax.optimizers.lookahead; LiResNet++: timm's alpha 0.5, k 6, plus a sync at
-    every epoch end); None or absent = no Lookahead. The slow weights are in the optimiser state.
-    """
-
-    def base(lr_value, decay: bool = True):
-        schedule = learning_rate_schedule(opt_config, lr_value, total_steps, steps_per_epoch)
-        if opt_config.name == "adam":
-            return optax.adam(schedule, b1=opt_config.b1, b2=opt_config.b2, eps=opt_config.eps)
-        if opt_config.name == "adamw":
-            return optax.adamw(
-                schedule,
-                b1=opt_config.b1,
-                b2=opt_config.b2,
-                eps=opt_config.eps,
-                weight_decay=opt_config.weight_decay if decay else 0.0,
-            )
-        if opt_config.name == "adamw_lp":
-            decay_rate = opt_config.weight_decay if decay else 0.0
-            return adamw_lp(schedule, opt_config.b1, opt_config.b2, opt_config.eps, decay_rate)
-        if opt_config.name == "nadam":  # torch.optim.NAdam (LiResNet++), optax.nadam differs: optimizers.py
-            decay_rate = opt_config.weight_decay if decay else 0.0
-            momentum_decay = opt_config.get("momentum_decay", 4e-3)
-            betas = (opt_config.b1, opt_config.b2)
-            return torch_nadam(schedule, *betas, opt_config.eps, momentum_decay, decay_rate)
-        if opt_config.name == "sgd":
-            chain = [optax.sgd(schedule, momentum=opt_config.get("momentum", 0.9))]
-            if opt_config.weight_decay:
-                chain.insert(0, optax.add_decayed_weights(opt_config.weight_decay))
-            return optax.chain(*chain)
-        raise ValueError(f"optimizer.name {opt_config.name!r}; valid: adam, adamw, adamw_lp, nadam, sgd")
-
-    scale_lr = opt_config.get("scale_lr", 0.0) or opt_config.lr
-
-    def labels(params):
-        flat = flax.traverse_util.flatten_dict(params)
-        return flax.traverse_util.unflatten_dict(
-            {k: "scale" if k[-1] == "logit_scale" else "main" for k in flat}
-        )
-
-    # SortNet decays only the non-distance parameters (the logit scale): optimizer.decay_scale_only.
-    main_decay = not opt_config.get("decay_scale_only", False)
-    tx = optax.multi_transform(
-        {"main": base(opt_config.lr, decay=main_decay), "scale": base(scale_lr)}, labels
-    )
-    if opt_config.get("clip_norm", 0.0):
-        tx = optax.chain(optax.clip_by_global_norm(opt_config.clip_norm), tx)
-    spec = opt_config.get("lookahead", None)
-    if spec is not None and spec.get("enabled", True):
-        sync_period = steps_per_epoch if spec.get("sync_every_epoch", True) else 0
-        tx = lookahead(tx, spec.get("alpha", 0.5), spec.get("k", 6), sync_period)
-    return tx
 
 
 # ------------------------------------------------------------------------------------------------- steps
@@ -244,7 +158,7 @@ class Experiment:
             # row as real unless the caller says otherwise (bench/timing.py train_step_timer(num_real=...))
             self.num_real = config.train.batch_size
         self.total_steps = config.train.epochs * self.steps_per_epoch
-        self.tx = make_optimizer(config.optimizer, self.total_steps, self.steps_per_epoch)
+        self.tx, self.lr_schedule = make_optimizer(config.optimizer, self.total_steps, self.steps_per_epoch)
         # Outputs pinned to the replicated layout: the state every process holds, whole, after each step.
         self.state_sharding = jax.tree.map(lambda _: self.replicated, self.abstract_state())
         self.train_step = jax.jit(
@@ -570,7 +484,7 @@ def _train_loop(config, workdir: str, exp: Experiment, manager) -> TrainState:
     )
 
     writer = MetricWriter(os.path.join(workdir, "tensorboard"))
-    lr_schedule = learning_rate_schedule(config.optimizer, config.optimizer.lr, total, spe)
+    lr_schedule = exp.lr_schedule  # the schedule the optimiser trains with
     # real-part accuracy differs from the batch's only when the batch mixes real and generated images
     mixed = 0 < exp.batches.num_real < config.train.batch_size
     train_metrics = None

@@ -87,7 +87,7 @@ def _v1(config) -> None:
     config.augment.pad = 4
     config.augment.pad_mode = "constant"
     # adamw.py: Adam plus a decoupled weight decay along the gradient of (1/2)||row||_p^2 at the current p
-    # (certjax.optimizers); main.py create_schedule: lr constant for epochs 0-100, cosine to 0 over 100-800.
+    # (certjax.optim); main.py create_schedule: lr constant for epochs 0-100, cosine to 0 over 100-800.
     config.optimizer = dict(
         name="adamw_lp",
         lr=0.02,

@@ -62,7 +62,7 @@ def tiny_trained_model():
 
 def train_tiny(config, *, depth=3, width=64, epochs=6):
     """Train a small model of any l_inf family on 1,024 embedded real images; returns (experiment, state)."""
-    from certjax import schedules
+    from certjax.optim import schedules
     from certjax.train import Experiment
 
     config.model.depth = depth

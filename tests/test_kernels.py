@@ -241,7 +241,7 @@ class LoweringTest(parameterized.TestCase):
         grad_x kernels (the images need no gradient). SortNet's dropout layers use the masked kernels."""
         import importlib
 
-        from certjax import schedules
+        from certjax.optim import schedules
         from certjax.train import Experiment
 
         config = importlib.import_module(f"configs.{family}").get_config("demo")

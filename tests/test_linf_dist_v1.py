@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from certjax.config_checks import ConfigError, check_config
-from certjax.optimizers import adamw_lp, lp_decay_direction
+from certjax.optim.optimizers import adamw_lp, lp_decay_direction
 
 
 def test_v1_config_is_the_original_recipe_and_composes():
@@ -65,7 +65,7 @@ def test_adamw_lp_step_by_hand():
 def test_hold_then_cosine_learning_rate():
     import ml_collections
 
-    from certjax.train import learning_rate_schedule
+    from certjax.optim import learning_rate_schedule
 
     config = ml_collections.ConfigDict(dict(schedule="hold_cosine", hold_fraction=0.125, warmup_epochs=0))
     schedule = learning_rate_schedule(config, 0.02, 800, 10)

@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from certjax import schedules
 from certjax.attack import pgd_l2, smallest_margin
 from certjax.losses import emma, gloro_trades
 from certjax.models import liresnet
+from certjax.optim import schedules
 
 
 def _dense_norm(fn, shape) -> float:

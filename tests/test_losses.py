@@ -166,7 +166,7 @@ def test_eps_ramp_0_1_to_3_0_follows_the_original_eps_fn():
     eps * (0.1 + 2.9 * min(2 * epoch / epochs, 1)), expressed by config.loss.eps_ramp."""
     import ml_collections
 
-    from certjax import schedules
+    from certjax.optim import schedules
 
     epochs, steps_per_epoch, eps = 12, 5, 36 / 255
     config = ml_collections.ConfigDict(

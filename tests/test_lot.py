@@ -261,7 +261,7 @@ def test_l2_certificate_by_hand():
 @pytest.fixture(scope="module")
 def tiny_trained_lot():
     """LOT-S at init_channels 4, trained for a few epochs on 1,024 embedded real CIFAR-10 images."""
-    from certjax import schedules
+    from certjax.optim import schedules
     from certjax.train import Experiment
     from configs.lot import get_config
 

@@ -7,8 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from certjax.optimizers import LookaheadState
-from certjax.train import learning_rate_schedule, make_optimizer
+from certjax.optim import learning_rate_schedule, make_optimizer
+from certjax.optim.lookahead import LookaheadState
 
 
 def _params(rng):
@@ -81,7 +81,7 @@ def test_nadam_matches_torch_algorithm_in_float64_and_differs_from_optax_nadam(m
         jax.tree.map(lambda a: rng.normal(size=a.shape) * rng.uniform(0.1, 2.0), params) for _ in range(steps)
     ]
     config = _opt_config(weight_decay=0.05, momentum_decay=momentum_decay)
-    tx = make_optimizer(config, steps, steps_per_epoch)
+    tx, _ = make_optimizer(config, steps, steps_per_epoch)
     got = [_flat(p) for p, _ in _run(tx, _as_f32(params), _as_f32(grads))]
 
     lrs = [float(learning_rate_schedule(config, config.lr, steps, steps_per_epoch)(s)) for s in range(steps)]
@@ -138,7 +138,7 @@ def test_lookahead_synchronises_at_epoch_ends_and_every_k_steps(k):
         name="sgd", momentum=0.0, lr=lr, schedule="constant", warmup_epochs=0, clip_norm=0.0,
         lookahead=dict(alpha=alpha, k=k, sync_every_epoch=True),
     )  # fmt: skip
-    tx = make_optimizer(config, steps, steps_per_epoch)
+    tx, _ = make_optimizer(config, steps, steps_per_epoch)
     got = _run(tx, _as_f32(params), _as_f32(grads))
     expected = _timm_lookahead_float64(
         _flat(params), [_flat(g) for g in grads], lr, alpha, k, steps_per_epoch
@@ -171,8 +171,8 @@ def test_lookahead_disabled_is_the_inner_optimiser_bitwise():
     grads = [jax.tree.map(lambda a: rng.normal(size=a.shape), params) for _ in range(4)]
     with_off = _opt_config(lookahead=dict(enabled=False, alpha=0.5, k=2, sync_every_epoch=True))
     without = _opt_config()
-    a = _run(make_optimizer(with_off, 4, 2), _as_f32(params), _as_f32(grads))
-    b = _run(make_optimizer(without, 4, 2), _as_f32(params), _as_f32(grads))
+    a = _run(make_optimizer(with_off, 4, 2)[0], _as_f32(params), _as_f32(grads))
+    b = _run(make_optimizer(without, 4, 2)[0], _as_f32(params), _as_f32(grads))
     np.testing.assert_array_equal(_flat(a[-1][0]), _flat(b[-1][0]))
 
 

@@ -132,7 +132,7 @@ def test_every_logit_is_1_lipschitz_in_linf(mode):
 
 
 def test_trainer_recomputes_running_means_exactly_for_dropout():
-    from certjax import schedules
+    from certjax.optim import schedules
     from certjax.train import Experiment
     from configs.sortnet import get_config
 

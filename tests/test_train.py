@@ -11,7 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from certjax import schedules
+from certjax.optim import schedules
 from tests.conftest import REPO, launch_command, launch_env
 
 TINY = [

@@ -1,8 +1,10 @@
-"""Optimisers that optax does not have in the form the original code uses.
+"""The optimisers by name (`OPTIMIZERS`), and the two that optax does not have in the original code's form.
+
+Moved from certjax/optimizers.py (the two optimisers) and certjax/train.py make_optimizer (the per-name
+branches, now the registry). Lookahead, which wraps any of them, is in certjax/optim/lookahead.py.
 
 * `adamw_lp`: the l_inf-dist Net v1 AdamW whose weight decay follows the current l_p norm.
-* `scale_by_torch_nadam`: torch.optim.NAdam, with its momentum-decay schedule (LiResNet++).
-* `lookahead`: timm's Lookahead wrapper plus the epoch-end synchronisation of LiResNet++.
+* `torch_nadam` (`scale_by_torch_nadam`): torch.optim.NAdam, with its momentum-decay schedule (LiResNet++).
 
 adamw_lp (zbh2047/L_inf-dist-net adamw.py, ICML'21 Sec. 5.1). The original decays each row r of a parameter
 (axis 0: an output unit's weights; a bias row is one number) by the gradient of (1/2) ||r||_p^2 at the
@@ -17,14 +19,13 @@ logit scale) get plain decay for every p. The decay uses the parameters before t
 original, which decays in place before its Adam update. p comes from the train step as the optimiser's
 extra argument `p_norm` (the same traced value the model used), so a changing p never recompiles.
 
-NAdam and Lookahead (hukkai/liresnet train.py: `torch.optim.NAdam(lr, weight_decay)` wrapped in
-`timm.optim.Lookahead(optimizer)` with its defaults alpha 0.5, k 6, and `optimizer.sync_lookahead()` after
-the last step of every epoch): see the two functions' docstrings.
+NAdam (hukkai/liresnet train.py: `torch.optim.NAdam(lr, weight_decay)`): see `scale_by_torch_nadam`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -33,7 +34,16 @@ import optax
 
 
 def lp_decay_direction(param, p, eps):
-    """Gradient of (1/2) ||row||_p^2 for every row (axis 0) of param, in the original's numerics."""
+    """Gradient of (1/2) ||row||_p^2 for every row (axis 0) of param, in the original's numerics.
+
+    Args:
+      param: one parameter array (a scalar counts as one row of one element).
+      p: traced float32 scalar >= 1, or inf.
+      eps: added to every square before normalising (the optimiser's eps).
+
+    Returns:
+      An array of param's shape.
+    """
     rows = param.reshape(param.shape[0], -1) if param.ndim else param.reshape(1, 1)
 
     def finite():
@@ -71,7 +81,16 @@ def add_lp_decayed_weights(weight_decay: float, eps: float) -> optax.GradientTra
 
 def adamw_lp(learning_rate, b1: float, b2: float, eps: float, weight_decay: float):
     """Adam (the original's bias-corrected moments, eps outside the square root) plus the l_p weight decay,
-    both scaled by the (scheduled) learning rate."""
+    both scaled by the (scheduled) learning rate.
+
+    Args:
+      learning_rate: a float or an optax schedule.
+      b1, b2, eps: Adam's.
+      weight_decay: the l_p decay's rate (0 = none).
+
+    Returns:
+      An optax chain whose update takes the extra argument p_norm.
+    """
     return optax.chain(
         optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
         add_lp_decayed_weights(weight_decay, eps),
@@ -140,74 +159,66 @@ def scale_by_torch_nadam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, 
 
 def torch_nadam(learning_rate, b1: float, b2: float, eps: float, momentum_decay: float, weight_decay: float):
     """torch.optim.NAdam(lr, betas=(b1, b2), eps, weight_decay, momentum_decay): L2 weight decay added to
-    the gradient (torch's default, not decoupled), then the NAdam direction times the scheduled lr."""
+    the gradient (torch's default, not decoupled), then the NAdam direction times the scheduled lr.
+
+    Args:
+      learning_rate: a float or an optax schedule; the other arguments are torch's.
+
+    Returns:
+      An optax chain.
+    """
     chain = [scale_by_torch_nadam(b1, b2, eps, momentum_decay), optax.scale_by_learning_rate(learning_rate)]
     if weight_decay:
         chain.insert(0, optax.add_decayed_weights(weight_decay))
     return optax.chain(*chain)
 
 
-# --------------------------------------------------------------------------------------------- Lookahead
+# ------------------------------------------------------------------------------------------- the registry
+# Each factory: (optimizer config, learning rate schedule, decay) -> optax transformation. decay = False
+# switches the weight decay off for the parameter group (SortNet's optimizer.decay_scale_only).
 
 
-class LookaheadState(NamedTuple):
-    count: jax.Array  # optimiser steps taken: the sync steps are a pure function of it (exact resume)
-    slow: optax.Params  # the slow weights (equal to the params right after every synchronisation)
-    inner: optax.OptState
+def _adam(opt_config, learning_rate, decay: bool):
+    del decay  # plain Adam has no weight decay
+    return optax.adam(learning_rate, b1=opt_config.b1, b2=opt_config.b2, eps=opt_config.eps)
 
 
-def lookahead_sync_steps(count, k: int, steps_per_epoch: int):
-    """(is `count` a sync step, was there one before it), count = steps taken including this one.
-
-    timm's Lookahead.step updates the slow weights after every k-th step (lookahead_step % k == 0);
-    train.py also calls sync_lookahead() after the last step of every epoch. k = 0 or steps_per_epoch = 0
-    switches the respective trigger off."""
-    sync = jnp.zeros((), bool)
-    first = None
-    for period in (k, steps_per_epoch):
-        if period:
-            sync = sync | (count % period == 0)
-            first = period if first is None else min(first, period)
-    if first is None:
-        raise ValueError("lookahead needs k >= 1 or a synchronisation at every epoch end")
-    return sync, count > first
+def _adamw(opt_config, learning_rate, decay: bool):
+    return optax.adamw(
+        learning_rate,
+        b1=opt_config.b1,
+        b2=opt_config.b2,
+        eps=opt_config.eps,
+        weight_decay=opt_config.weight_decay if decay else 0.0,
+    )
 
 
-def lookahead(inner, alpha: float, k: int, steps_per_epoch: int) -> optax.GradientTransformationExtraArgs:
-    """timm.optim.Lookahead(inner, alpha, k) plus the original's sync_lookahead() at every epoch end.
+def _adamw_lp(opt_config, learning_rate, decay: bool):
+    decay_rate = opt_config.weight_decay if decay else 0.0
+    return adamw_lp(learning_rate, opt_config.b1, opt_config.b2, opt_config.eps, decay_rate)
 
-    At a sync step (after the inner optimiser's update gave the fast weights f):
-        s <- s + alpha (f - s),   f <- s           (timm lookahead.py update_slow)
-    timm creates the slow buffer lazily, as a copy of the fast weights, at the FIRST sync; so that first sync
-    changes nothing and the slow weights start there (not at the initial weights). A k-th step that is also
-    an epoch's last step syncs twice in the original; the second is a no-op (f = s), so once here.
 
-    The fast weights are the trainer's params; the slow ones live in this state (so a checkpoint holds both).
-    At a sync step the emitted update is s_new - params, and the stored slow weights are params + that
-    update, the very sum the trainer's optax.apply_updates computes: after the step fast == slow bitwise,
-    and both equal the formula up to one float32 rounding of that sum.
-    """
-    inner = optax.with_extra_args_support(inner)
+def _nadam(opt_config, learning_rate, decay: bool):
+    # torch.optim.NAdam (LiResNet++); optax.nadam differs (scale_by_torch_nadam's docstring)
+    decay_rate = opt_config.weight_decay if decay else 0.0
+    momentum_decay = opt_config.get("momentum_decay", 4e-3)
+    betas = (opt_config.b1, opt_config.b2)
+    return torch_nadam(learning_rate, *betas, opt_config.eps, momentum_decay, decay_rate)
 
-    def init(params):
-        return LookaheadState(
-            count=jnp.zeros((), jnp.int32), slow=jax.tree.map(jnp.copy, params), inner=inner.init(params)
-        )
 
-    def update(updates, state, params=None, **extra_args):
-        if params is None:
-            raise ValueError("lookahead needs the parameters")
-        inner_updates, inner_state = inner.update(updates, state.inner, params, **extra_args)
-        count = state.count + 1
-        sync, had_sync = lookahead_sync_steps(count, k, steps_per_epoch)
-        fast = optax.apply_updates(params, inner_updates)
-        # before timm's first sync there is no slow buffer: it starts as a copy of the fast weights
-        slow_before = jax.tree.map(lambda s, f: jnp.where(had_sync, s, f), state.slow, fast)
-        target = jax.tree.map(lambda s, f: s + alpha * (f - s), slow_before, fast)
-        to_target = jax.tree.map(lambda t, p: t - p, target, params)
-        out = jax.tree.map(lambda a, b: jnp.where(sync, a, b), to_target, inner_updates)
-        synced = optax.apply_updates(params, to_target)
-        slow = jax.tree.map(lambda a, b: jnp.where(sync, a, b), synced, state.slow)
-        return out, LookaheadState(count=count, slow=slow, inner=inner_state)
+def _sgd(opt_config, learning_rate, decay: bool):
+    del decay  # SGD decays every group by optimizer.weight_decay, as it always has
+    chain = [optax.sgd(learning_rate, momentum=opt_config.get("momentum", 0.9))]
+    if opt_config.weight_decay:
+        chain.insert(0, optax.add_decayed_weights(opt_config.weight_decay))
+    return optax.chain(*chain)
 
-    return optax.GradientTransformationExtraArgs(init, update)
+
+# config.optimizer.name -> factory; config_checks validates the name against these keys
+OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
+    "adam": _adam,
+    "adamw": _adamw,
+    "adamw_lp": _adamw_lp,
+    "nadam": _nadam,
+    "sgd": _sgd,
+}

@@ -1,0 +1,151 @@
+"""Schedules of the training step: the learning rate (`SCHEDULES`) and the per-step values of the loss.
+
+Moved from certjax/train.py (learning_rate_schedule, now the SCHEDULES registry) and certjax/schedules.py
+(schedule_values).
+
+Learning rate. `learning_rate_schedule` turns config.optimizer (schedule name, warmup_epochs, milestones,
+...) into an optax schedule of the step: an optional linear warmup from 0 over warmup_epochs, then the named
+decay over the remaining steps. certjax.optim.make_optimizer builds it once and returns it, so the schedule
+that trains is the one the trainer logs.
+
+Per-step values, fed to the jitted train step as traced scalars (`schedule_values`). The l_p schedule of
+the l_inf-dist Net / SortNet (zbh2047/L_inf-dist-net-v2, train.py `--p-start 8 --p-end 1000 --epochs
+0,0,100,1250,1300`): p = p_start for the first `start_fraction` of training, then grows geometrically per
+step to p_end at `end_fraction`, then p = inf. The mixing weight lam of the mixture loss decays
+geometrically from lam0 to lam_end with the same progress. Fractions (not epochs) make the schedule scale
+with `train.epochs` (the seed trains 800 / 1600 epochs).
+
+An optional eps ramp (`config.loss.eps_ramp` = dict(start, end, end_fraction)) scales eps_train per epoch:
+eps_t = eps_train * (start + (end - start) * min(epoch / (end_fraction * epochs), 1)) with the whole epochs
+done so far (LiResNet, hu23 snapshot train.py eps_fn: 0.1 eps -> 1.5 eps over the first half).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import optax
+
+# ------------------------------------------------------------------------------------------ learning rate
+# Each factory: (optimizer config, base lr, total steps, warmup steps) -> the optax schedule that follows the
+# warmup, counted from the warmup's end.
+
+
+def _cosine(opt_config, base_lr: float, total_steps: int, warmup: int):
+    return optax.cosine_decay_schedule(base_lr, max(total_steps - warmup, 1))
+
+
+def _constant(opt_config, base_lr: float, total_steps: int, warmup: int):
+    return optax.constant_schedule(base_lr)
+
+
+def _multistep(opt_config, base_lr: float, total_steps: int, warmup: int):
+    # optimizer.milestones: fractions of the whole run; each multiplies the lr by optimizer.gamma
+    boundaries = {
+        int(round(f * total_steps)) - warmup: opt_config.get("gamma", 0.1)
+        for f in opt_config.get("milestones", (0.5, 0.75))
+    }
+    return optax.piecewise_constant_schedule(base_lr, boundaries)
+
+
+def _hold_cosine(opt_config, base_lr: float, total_steps: int, warmup: int):
+    # l_inf-dist Net v1 (main.py create_schedule): constant for the first hold_fraction of the steps,
+    # then cosine to 0 over the rest
+    hold = int(round(opt_config.hold_fraction * total_steps)) - warmup
+    cosine = optax.cosine_decay_schedule(base_lr, max(total_steps - warmup - hold, 1))
+    return optax.join_schedules([optax.constant_schedule(base_lr), cosine], [hold])
+
+
+# config.optimizer.schedule -> factory; config_checks validates the name against these keys
+SCHEDULES: dict[str, Callable[..., optax.Schedule]] = {
+    "cosine": _cosine,
+    "constant": _constant,
+    "multistep": _multistep,
+    "hold_cosine": _hold_cosine,
+}
+
+
+def learning_rate_schedule(
+    opt_config, base_lr: float, total_steps: int, steps_per_epoch: int
+) -> optax.Schedule:
+    """The learning rate of every step: linear warmup from 0, then SCHEDULES[opt_config.schedule].
+
+    Args:
+      opt_config: config.optimizer (schedule, warmup_epochs and the schedule's own keys).
+      base_lr: the peak learning rate (optimizer.lr, or scale_lr for the logit scale).
+      total_steps: steps of the whole run.
+      steps_per_epoch: converts warmup_epochs to steps.
+
+    Returns:
+      An optax schedule: step -> learning rate.
+    """
+    warmup = int(round(opt_config.get("warmup_epochs", 0) * steps_per_epoch))
+    name = opt_config.schedule
+    if name not in SCHEDULES:
+        raise ValueError(f"optimizer.schedule {name!r}; valid: {', '.join(SCHEDULES)}")
+    decay = SCHEDULES[name](opt_config, base_lr, total_steps, warmup)
+    if warmup:
+        return optax.join_schedules([optax.linear_schedule(0.0, base_lr, warmup), decay], [warmup])
+    return decay
+
+
+# ---------------------------------------------------------------------------------------- per-step values
+
+
+def progress(step: int, total_steps: int, start_fraction: float, end_fraction: float) -> float:
+    """0 before start_fraction of training, 1 after end_fraction, linear in steps in between.
+
+    Args:
+      step: the step (0-based); total_steps: steps of the whole run.
+      start_fraction, end_fraction: where the ramp starts and ends, as fractions of total_steps.
+
+    Returns:
+      The progress in [0, 1].
+    """
+    start = start_fraction * total_steps
+    end = end_fraction * total_steps
+    if end <= start:
+        return 0.0 if step < start else 1.0
+    return float(np.clip((step - start) / (end - start), 0.0, 1.0))
+
+
+def geometric(start: float, end: float, t: float) -> float:
+    """The geometric interpolation start * (end / start) ** t: start at t = 0, end at t = 1."""
+    return start * (end / start) ** t
+
+
+def schedule_values(config, step: int, total_steps: int) -> dict[str, float]:
+    """Host-side values for this step, to be passed to the train step as traced float32 scalars.
+
+    Args:
+      config: the whole training config (p_schedule, loss.eps_train / eps_ramp / lam0 / lam_end,
+        train.epochs).
+      step: the step (0-based); total_steps: steps of the whole run.
+
+    Returns:
+      {"p": the l_p norm's p (inf once the l_p phase ends), "lam": the mixture weight, "eps_train": the
+      training radius in pixel units}.
+    """
+    values = {"eps_train": float(config.loss.get("eps_train", 0.0))}
+    ps = config.get("p_schedule")
+    if ps is not None and ps.get("enabled", True):
+        t = progress(step, total_steps, ps.start_fraction, ps.end_fraction)
+        reached_end = step >= ps.end_fraction * total_steps
+        values["p"] = math.inf if reached_end else geometric(ps.p_start, ps.p_end, t)
+        lam_t = t
+    else:
+        values["p"] = math.inf
+        lam_t = step / max(total_steps, 1)
+    ramp = config.loss.get("eps_ramp")
+    if ramp is not None:
+        epochs = config.train.epochs
+        epoch = (step * epochs) // max(total_steps, 1)  # whole epochs done
+        t = min(epoch / max(ramp.end_fraction * epochs, 1e-12), 1.0)
+        values["eps_train"] *= ramp.start + (ramp.end - ramp.start) * t
+    if "lam0" in config.loss:
+        values["lam"] = geometric(config.loss.lam0, config.loss.lam_end, lam_t)
+    else:
+        values["lam"] = 0.0
+    return values
