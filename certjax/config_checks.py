@@ -18,16 +18,47 @@ import ml_collections
 
 # Keys the code reads with .get() that a family's get_config may leave out (see evaluate.radii_of).
 OPTIONAL_KEYS = frozenset({"certify.radii", "optimizer.lookahead", "optimizer.momentum_decay"})
-DATASETS = ("cifar10", "cifar100")
-SUBSET_MODES = ("first", "random")
-OPTIMIZERS = ("adam", "adamw", "adamw_lp", "nadam", "sgd")
-LOOKAHEAD_KEYS = ("alpha", "k", "sync_every_epoch", "enabled")
-SCHEDULES = ("cosine", "constant", "multistep", "hold_cosine")
-KERNELS = ("auto", "pallas", "jnp", "interpret")
+SUBSET_MODES = ("first", "random")  # data.real_subset_mode: certjax.data.sources.subset_indices
+LOOKAHEAD_KEYS = ("alpha", "k", "sync_every_epoch", "enabled")  # what certjax.optim.make_optimizer reads
 
 
 class ConfigError(ValueError):
     """One or more invalid config values; the message lists each with its fix."""
+
+
+class ErrorList(list):
+    """The messages of the failed checks of one config, each "key: value; the fix"."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+
+    def value(self, key: str):
+        """config["section.name"], None where the section has no such key."""
+        section, name = key.split(".")
+        return self.config[section].get(name, None)
+
+    def need(self, ok: bool, key: str, message: str) -> None:
+        if not ok:
+            self.append(f"{key}: {message}")
+
+    def one_of(self, key: str, valid) -> None:
+        """The value of `key` must be a key of the registry (or an element of the tuple) `valid`."""
+        value = self.value(key)
+        self.need(value in valid, key, f"{value!r}; use one of {sorted(valid)}")
+
+    def positive_integers(self, keys) -> None:
+        for key in keys:
+            value = self.value(key)
+            self.need(isinstance(value, int) and value >= 1, key, f"{value!r}; must be an integer >= 1")
+
+    def optional_counts(self, keys) -> None:
+        """Integers >= 0 where 0 means off / all; an absent key is fine."""
+        for key in keys:
+            value = self.value(key)
+            if value is not None:
+                ok = isinstance(value, int) and value >= 0
+                self.need(ok, key, f"{value!r}; must be an integer >= 0 (0 = off/all)")
 
 
 def flat_keys(config, prefix: str = "") -> dict[str, object]:
@@ -144,61 +175,53 @@ def lookahead_errors(spec) -> list[str]:
     return errors
 
 
-def check_config(config, *, device_count: int = 1, process_count: int = 1, unknown_keys: bool = True) -> None:
-    """Raise ConfigError listing every invalid value of a training config; return None if it is valid."""
-    errors: list[str] = []
-
-    def need(ok: bool, key: str, message: str) -> None:
-        if not ok:
-            errors.append(f"{key}: {message}")
-
-    def number(key: str):
-        section, name = key.split(".")
-        return config[section].get(name, None)
-
-    def one_of(key: str, valid) -> None:
-        value = number(key)
-        need(value in valid, key, f"{value!r}; use one of {sorted(valid)}")
-
-    if unknown_keys:
-        reference = reference_config(config)
-        if reference is not None:
-            where = f"configs/{config.family}.py:{config.get('variant', '')}"
-            errors += unknown_key_errors(flat_keys(config), reference, where)
-
-    from certjax.losses import LOSSES
+def model_errors(config) -> list[str]:
+    """model.name (certjax.models.FAMILIES) and model.kernel (certjax.kernels.linf_dist.KERNELS)."""
+    from certjax.kernels.linf_dist import KERNELS
     from certjax.models import FAMILIES
 
-    one_of("model.name", FAMILIES)
-    one_of("loss.name", LOSSES)
+    errors = ErrorList(config)
+    errors.one_of("model.name", FAMILIES)
     kernel = config.model.get("kernel", "auto")  # configs saved before the switch have none: "auto"
-    need(kernel in KERNELS, "model.kernel", f"{kernel!r}; use one of {sorted(KERNELS)}")
+    errors.need(kernel in KERNELS, "model.kernel", f"{kernel!r}; use one of {sorted(KERNELS)}")
+    return errors
 
-    for key in (
-        "train.epochs",
-        "train.batch_size",
-        "train.eval_batch_size",
-        "train.log_every_steps",
-        "train.eval_every_epochs",
-        "checkpoint.every_epochs",
-        "checkpoint.keep",
-    ):
-        value = number(key)
-        need(isinstance(value, int) and value >= 1, key, f"{value!r}; must be an integer >= 1")
-    for key in (
-        "train.eval_subset",
-        "data.real_subset",
-        "data.generated_limit",
-        "data.reader_threads",
-    ):
-        value = number(key)
-        if value is not None:
-            need(
-                isinstance(value, int) and value >= 0,
-                key,
-                f"{value!r}; must be an integer >= 0 (0 = off/all)",
-            )
 
+def loss_errors(config, family) -> list[str]:
+    """loss.name (certjax.losses.LOSSES), loss.bound (LOSS_BOUNDS; "ibp" only where the family has interval
+    bounds) and loss.eps_train. family: the config's model family, None if model.name is unknown."""
+    from certjax.losses import LOSS_BOUNDS, LOSSES
+
+    errors = ErrorList(config)
+    errors.one_of("loss.name", LOSSES)
+    loss_bound = config.loss.get("bound", None)
+    if loss_bound is not None:
+        errors.need(
+            loss_bound in LOSS_BOUNDS, "loss.bound", f"{loss_bound!r}; use one of {', '.join(LOSS_BOUNDS)}"
+        )
+        errors.need(
+            loss_bound != "ibp" or family is None or getattr(family, "INTERVAL_BOUNDS", False),
+            "loss.bound",
+            f"'ibp': model.name {config.model.name!r} has no interval bounds; use loss.bound=lipschitz",
+        )
+    eps_train = config.loss.get("eps_train", 0.0)
+    errors.need(eps_train >= 0, "loss.eps_train", f"{eps_train!r}; must be >= 0")
+    return errors
+
+
+def train_errors(config, device_count: int, process_count: int) -> list[str]:
+    """The train section's counts, and a batch that every device and process can take an equal share of."""
+    errors = ErrorList(config)
+    errors.positive_integers(
+        (
+            "train.epochs",
+            "train.batch_size",
+            "train.eval_batch_size",
+            "train.log_every_steps",
+            "train.eval_every_epochs",
+        )
+    )
+    errors.optional_counts(("train.eval_subset",))
     batch = config.train.batch_size
     if isinstance(batch, int) and batch >= 1:
         for count, what in ((device_count, "devices"), (process_count, "processes")):
@@ -208,18 +231,50 @@ def check_config(config, *, device_count: int = 1, process_count: int = 1, unkno
                     f"train.batch_size: {batch} does not split evenly over the {count} {what}; use a "
                     f"multiple of {count}, e.g. --config.train.batch_size={fix}"
                 )
+    return errors
 
+
+def checkpoint_errors(config) -> list[str]:
+    """checkpoint.every_epochs and checkpoint.keep: integers >= 1."""
+    errors = ErrorList(config)
+    errors.positive_integers(("checkpoint.every_epochs", "checkpoint.keep"))
+    return errors
+
+
+def data_errors(config) -> list[str]:
+    """The data section: subsets and limits, the real fraction, the epoch definition, the dataset's name
+    (certjax.data.sources.NUM_CLASSES) and its per-channel normalisation."""
+    from certjax.data.sources import NUM_CLASSES
+
+    errors = ErrorList(config)
+    errors.optional_counts(("data.real_subset", "data.generated_limit", "data.reader_threads"))
     fraction = config.data.real_fraction
-    need(
+    errors.need(
         isinstance(fraction, (int, float)) and 0.0 <= fraction <= 1.0,
         "data.real_fraction",
         f"{fraction!r}; the real share of every batch must be in [0, 1] (0.3 = the paper's 30 % real)",
     )
-    from certjax.data.augment import PAD_MODES
+    errors += epoch_definition_errors(config)
+    errors.one_of("data.dataset", NUM_CLASSES)
+    errors.one_of("data.real_subset_mode", SUBSET_MODES)
+    mean, std = tuple(config.data.mean), tuple(config.data.std)
+    errors.need(len(mean) == 3, "data.mean", f"{mean}; one value per RGB channel (3 values)")
+    errors.need(
+        len(std) == 3 and all(s > 0 for s in std),
+        "data.std",
+        f"{std}; 3 positive values (one per RGB channel)",
+    )
+    return errors
+
+
+def epoch_definition_errors(config) -> list[str]:
+    """data.epoch_definition (certjax.data.pipeline.EPOCH_DEFINITIONS), and a real pass that can end."""
     from certjax.data.pipeline import EPOCH_DEFINITIONS, real_count
 
+    errors = ErrorList(config)
+    batch, fraction = config.train.batch_size, config.data.real_fraction
     definition = config.data.get("epoch_definition", "real_set")  # configs saved before it: real_set
-    need(
+    errors.need(
         definition in EPOCH_DEFINITIONS,
         "data.epoch_definition",
         f"{definition!r}; use 'real_set' (ceil(N_real / batch) steps per epoch, the seed) or 'real_pass' "
@@ -232,97 +287,135 @@ def check_config(config, *, device_count: int = 1, process_count: int = 1, unkno
         and isinstance(fraction, (int, float))
         and 0.0 <= fraction <= 1.0
     ):
-        need(
+        errors.need(
             real_count(batch, fraction) > 0,
             "data.epoch_definition",
             f"'real_pass' with data.real_fraction={fraction} and batch {batch}: 0 real images per batch, so "
             "no pass over the real set ever ends; raise data.real_fraction or use 'real_set'",
         )
-    errors += augment_errors(config.augment, PAD_MODES)
-    one_of("data.dataset", DATASETS)
-    one_of("data.real_subset_mode", SUBSET_MODES)
-    mean, std = tuple(config.data.mean), tuple(config.data.std)
-    need(len(mean) == 3, "data.mean", f"{mean}; one value per RGB channel (3 values)")
-    need(
-        len(std) == 3 and all(s > 0 for s in std),
-        "data.std",
-        f"{std}; 3 positive values (one per RGB channel)",
-    )
+    return errors
 
+
+def certify_errors(config, family) -> list[str]:
+    """certify.eps, certify.radii and the certification method for the family (None if model.name is
+    unknown: the method is then not checked)."""
+    from certjax.certify import certify_method
+
+    errors = ErrorList(config)
     eps = config.certify.eps
-    need(
+    errors.need(
         isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0,
         "certify.eps",
         f"{eps!r}; the certified radius must be finite and >= 0 (pixel units, e.g. 8/255 or 36/255)",
     )
     radii = config.certify.get("radii", None) or ()
-    need(all(r >= 0 for r in radii), "certify.radii", f"{tuple(radii)}; radii must be >= 0")
-    from certjax.certify import certify_method
-    from certjax.losses import LOSS_BOUNDS
-    from certjax.models import get_family
-
-    family = get_family(config.model.name) if config.model.name in FAMILIES else None
+    errors.need(all(r >= 0 for r in radii), "certify.radii", f"{tuple(radii)}; radii must be >= 0")
     if family is not None:
         try:
             certify_method(config, family)
         except ValueError as error:
             errors.append(str(error))
-    loss_bound = config.loss.get("bound", None)
-    if loss_bound is not None:
-        need(loss_bound in LOSS_BOUNDS, "loss.bound", f"{loss_bound!r}; use one of {', '.join(LOSS_BOUNDS)}")
-        need(
-            loss_bound != "ibp" or family is None or getattr(family, "INTERVAL_BOUNDS", False),
-            "loss.bound",
-            f"'ibp': model.name {config.model.name!r} has no interval bounds; use loss.bound=lipschitz",
-        )
-    eps_train = config.loss.get("eps_train", 0.0)
-    need(eps_train >= 0, "loss.eps_train", f"{eps_train!r}; must be >= 0")
+    return errors
 
+
+def optimizer_errors(config) -> list[str]:
+    """optimizer.name and optimizer.schedule (the keys of certjax.optim's OPTIMIZERS and SCHEDULES), the
+    learning rate and the non-negative settings, NAdam's betas, Lookahead and the milestones."""
+    from certjax.optim import OPTIMIZERS, SCHEDULES
+
+    errors = ErrorList(config)
     opt = config.optimizer
-    one_of("optimizer.name", OPTIMIZERS)
-    one_of("optimizer.schedule", SCHEDULES)
-    need(math.isfinite(opt.lr) and opt.lr > 0, "optimizer.lr", f"{opt.lr!r}; the learning rate must be > 0")
+    errors.one_of("optimizer.name", OPTIMIZERS)
+    errors.one_of("optimizer.schedule", SCHEDULES)
+    errors.need(
+        math.isfinite(opt.lr) and opt.lr > 0, "optimizer.lr", f"{opt.lr!r}; the learning rate must be > 0"
+    )
     for key in ("weight_decay", "clip_norm", "warmup_epochs", "scale_lr"):
         value = opt.get(key, 0.0)
-        need(value >= 0, f"optimizer.{key}", f"{value!r}; must be >= 0")
+        errors.need(value >= 0, f"optimizer.{key}", f"{value!r}; must be >= 0")
     warmup = opt.get("warmup_epochs", 0)
     if isinstance(config.train.epochs, int):
-        need(
+        errors.need(
             warmup < config.train.epochs or warmup == 0,
             "optimizer.warmup_epochs",
             f"{warmup} >= train.epochs={config.train.epochs}; warm up for fewer epochs than the run",
         )
     if opt.get("name") == "nadam":
-        for key in ("b1", "b2"):
-            value = opt.get(key, None)
-            need(
-                isinstance(value, (int, float)) and 0 <= value < 1,
-                f"optimizer.{key}",
-                f"{value!r}; NAdam's betas must be in [0, 1) (torch's defaults: b1 0.9, b2 0.999)",
-            )
-        need(opt.get("eps", -1) >= 0, "optimizer.eps", f"{opt.get('eps')!r}; must be >= 0 (torch: 1e-8)")
-        decay = opt.get("momentum_decay", 4e-3)
-        need(decay >= 0, "optimizer.momentum_decay", f"{decay!r}; must be >= 0 (torch's default 4e-3)")
-    errors.extend(lookahead_errors(opt.get("lookahead", None)))
+        errors += nadam_errors(config)
+    errors += lookahead_errors(opt.get("lookahead", None))
     milestones = tuple(opt.get("milestones", ()) or ())
-    need(
+    errors.need(
         all(0 < m <= 1 for m in milestones),
         "optimizer.milestones",
         f"{milestones}; fractions of the run in (0, 1]",
     )
+    return errors
 
+
+def nadam_errors(config) -> list[str]:
+    """torch.optim.NAdam's ranges for optimizer.b1, b2, eps and momentum_decay."""
+    errors = ErrorList(config)
+    opt = config.optimizer
+    for key in ("b1", "b2"):
+        value = opt.get(key, None)
+        errors.need(
+            isinstance(value, (int, float)) and 0 <= value < 1,
+            f"optimizer.{key}",
+            f"{value!r}; NAdam's betas must be in [0, 1) (torch's defaults: b1 0.9, b2 0.999)",
+        )
+    errors.need(opt.get("eps", -1) >= 0, "optimizer.eps", f"{opt.get('eps')!r}; must be >= 0 (torch: 1e-8)")
+    decay = opt.get("momentum_decay", 4e-3)
+    errors.need(decay >= 0, "optimizer.momentum_decay", f"{decay!r}; must be >= 0 (torch's default 4e-3)")
+    return errors
+
+
+def p_schedule_errors(config) -> list[str]:
+    """The l_p schedule (certjax.optim.schedules.schedule_values), where it is enabled."""
+    errors = ErrorList(config)
     if "p_schedule" in config and config.p_schedule.get("enabled", False):
         ps = config.p_schedule
-        need(
+        errors.need(
             0 <= ps.start_fraction <= ps.end_fraction <= 1,
             "p_schedule.start_fraction",
             f"start {ps.start_fraction}, end {ps.end_fraction}; need 0 <= start <= end <= 1",
         )
-        need(
+        errors.need(
             ps.p_start >= 1 and ps.p_end >= ps.p_start,
             "p_schedule.p_start",
             f"p_start {ps.p_start}, p_end {ps.p_end}; need 1 <= p_start <= p_end",
         )
+    return errors
 
+
+def check_config(config, *, device_count: int = 1, process_count: int = 1, unknown_keys: bool = True) -> None:
+    """Raise ConfigError listing every invalid value of a training config, section by section.
+
+    Args:
+      config: the whole training config.
+      device_count, process_count: the batch must split evenly over both.
+      unknown_keys: also name every key that the family's own get_config(variant) lacks (a typo).
+
+    Returns:
+      None if the config is valid.
+    """
+    from certjax.data.augment import PAD_MODES
+    from certjax.models import FAMILIES, get_family
+
+    errors: list[str] = []
+    if unknown_keys:
+        reference = reference_config(config)
+        if reference is not None:
+            where = f"configs/{config.family}.py:{config.get('variant', '')}"
+            errors += unknown_key_errors(flat_keys(config), reference, where)
+    family = get_family(config.model.name) if config.model.name in FAMILIES else None
+    errors += model_errors(config)
+    errors += loss_errors(config, family)
+    errors += train_errors(config, device_count, process_count)
+    errors += checkpoint_errors(config)
+    errors += data_errors(config)
+    errors += augment_errors(config.augment, PAD_MODES)
+    errors += certify_errors(config, family)
+    errors += optimizer_errors(config)
+    errors += p_schedule_errors(config)
     if errors:
         raise ConfigError(f"{len(errors)} invalid config value(s):\n" + "\n".join(f"  - {e}" for e in errors))
