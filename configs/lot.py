@@ -7,9 +7,9 @@
 
 Variants: size S | M | L (LipConvNet-10/20/40, default S), schedule multistep (the original: per step x0.1 at
 50 % and 75 % of training) | cosine (the seed paper's alternative), cifar100, lln (normalised last layer
-instead of the 1x1 LOT layer), demo (embedded sample, init_channels 8, a few epochs). SGD 0.1, momentum 0.9,
-no
-weight decay, batch 256, 200 epochs, cross-entropy.
+instead of the 1x1 LOT layer), demo (embedded sample, init_channels 8, a few epochs).
+
+Recipe: SGD 0.1, momentum 0.9, no weight decay, batch 256, 200 epochs, cross-entropy.
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
 """SortNet (shared/RECIPES.md): depth 6, width 5120, q 0.85, 3000 epochs, batch 512, eps 8/255.
 
   python launch.py --config=configs/sortnet.py --workdir=runs/sortnet                 # dropout (original)
-  python launch.py --config=configs/sortnet.py:nodropout --workdir=runs/sortnet_exact  # the seed's w/o
-  dropout
+  python launch.py --config=configs/sortnet.py:nodropout --workdir=runs/sortnet_exact  # seed's w/o dropout
   python launch.py --config=configs/sortnet.py:dropout,cifar100 --workdir=runs/sortnet_c100
-  python launch.py --config=configs/sortnet.py:demo --workdir=runs/sortnet_demo      # CPU, minutes, offline
+  python launch.py --config=configs/sortnet.py:demo --workdir=runs/sortnet_demo       # CPU, minutes, offline
 
 Without --config.data.generated the run uses real data only (and says so). The default data is CIFAR from
 tensorflow-datasets; offline, pass --config.data.real=... (see README). zbh2047/SortNet has no CIFAR-100
