@@ -5,9 +5,9 @@
 Sections (rows of one table; progress goes to stderr):
   tests       `pytest -q tests/test_kernels.py -k "not Interpret"` in a subprocess: the KernelTest class runs
               the Pallas kernels for real (its interpret-mode twin is the CPU suite's), pass/fail counts;
-  auto check  what kernel="auto" decides for the paper's l_inf-dist shapes (certjax.kernels.verify: values and
-              gradients at p = inf and p = 8 against the jnp path), the error closest to its tolerance; the
-              same for the interval-bounds kernel (verify.check_bounds_candidate: both ends within the
+  auto check  what kernel="auto" decides for the paper's l_inf-dist shapes (certjax.kernels.autoselect:
+              values and gradients at p = inf and p = 8 against the jnp path), the error closest to its
+              tolerance; the same for the interval-bounds kernel (autoselect.bounds_op: both ends within the
               tolerance, and its interval containing the jnp path's up to rounding);
   kernel      the l_p-dist op at B x I x O = 512 x 3072 x 5120 and 512 x 5120 x 5120, Pallas and the XLA jnp
               path, forward and forward + backward at p = inf and p = 8: time, elements/s (B*I*O per second;
@@ -99,7 +99,7 @@ FULL = Plan(
         "liresnet:S",
         "liresnet:M",
     ),
-    family_seconds=90,  # the l_inf families check each distance configuration first (certjax.kernels.verify)
+    family_seconds=90,  # the l_inf families check each distance configuration first (kernels.autoselect)
     family_min_seconds=45,
     measure_seconds=3.0,
 )
@@ -150,35 +150,31 @@ def peak_fraction(elements_per_second: float, device_kind: str) -> str:
 
 
 def check_worker(plan: Plan, smoke: bool) -> None:
-    """What kernel="auto" decides for each shape: verify.check_candidate of the Pallas kernels."""
+    """What kernel="auto" decides for each shape: autoselect.check of the Pallas kernels, for the op and for
+    its interval bounds."""
     import functools
 
-    from certjax.kernels import verify
+    from certjax import bounds
+    from certjax.kernels import autoselect
 
-    candidate = functools.partial(verify.pallas_distance, interpret=smoke)
-    for batch, size, out, masked in plan.check_shapes:
-        signature = verify.Signature(
-            (batch, size), (out, size), "float32", "float32", "float32" if masked else None
-        )
-        item = f"{batch}x{size}x{out}{' masked' if masked else ''}"
-        try:
-            result = verify.check_candidate(candidate, signature)
-        except Exception as error:  # the jnp reference itself failed
-            emit("auto check", item, "FAIL", "jnp reference failed", error_text(error))
-            continue
-        emit_check(item, result)
-    bounds_candidate = functools.partial(verify.pallas_bounds, interpret=smoke)
-    for batch, size, out, masked in plan.check_shapes:
-        signature = verify.Signature(
-            (batch, size), (out, size), "float32", "float32", "float32" if masked else None, op="bounds"
-        )
-        item = f"bounds {batch}x{size}x{out}{' masked' if masked else ''}"
-        try:
-            result = verify.check_bounds_candidate(bounds_candidate, signature)
-        except Exception as error:
-            emit("auto check", item, "FAIL", "jnp reference failed", error_text(error))
-            continue
-        emit_check(item, result)
+    bounds_op = autoselect.bounds_op(bounds.lp_distance_bounds_with, bounds.lp_rounding_allowance)
+    ops = (
+        (autoselect.DISTANCE, autoselect.pallas_distance, ""),
+        (bounds_op, autoselect.pallas_bounds, "bounds "),
+    )
+    for op, pallas, prefix in ops:
+        candidate = functools.partial(pallas, interpret=smoke)
+        for batch, size, out, masked in plan.check_shapes:
+            signature = autoselect.Signature(
+                (batch, size), (out, size), "float32", "float32", "float32" if masked else None, op=op.name
+            )
+            item = f"{prefix}{batch}x{size}x{out}{' masked' if masked else ''}"
+            try:
+                result = autoselect.check(op, candidate, signature)
+            except Exception as error:  # the jnp reference itself failed
+                emit("auto check", item, "FAIL", "jnp reference failed", error_text(error))
+                continue
+            emit_check(item, result)
 
 
 def emit_check(item: str, result) -> None:
@@ -255,7 +251,7 @@ def family_worker(plan: Plan, spec: str, smoke: bool) -> None:
     import jax
     import numpy as np
 
-    from certjax.kernels import verify
+    from certjax.kernels import autoselect
     from certjax.optim import schedules
     from certjax.train import Experiment
 
@@ -309,7 +305,7 @@ def family_worker(plan: Plan, spec: str, smoke: bool) -> None:
     detail = [
         f"device peak {peak / 2**30:.2f} GiB" if peak is not None else "device peak n/a on this backend"
     ]
-    decided = verify.decisions()
+    decided = autoselect.decisions()
     if decided:  # the checks ran in this process: their buffers count in the device peak
         on_candidate = sum(result.ok for result in decided.values())
         detail[0] += " (auto's checks included)"

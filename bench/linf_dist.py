@@ -40,11 +40,11 @@ import time
 import jax
 import jax.numpy as jnp
 
-from certjax.kernels.linf_dist import (
+from certjax.kernels.linf_dist import lp_distance
+from certjax.kernels.linf_dist_jnp import (
     _forward,
     _lp_backward,
     check_shapes,
-    lp_distance,
     lp_distance_reference,
     scatter_to_argmax,
 )

@@ -32,7 +32,7 @@ inputs:
 
 Kernels. `lp_distance_bounds(..., kernel=)` takes the distance op's choice (linf_dist.KERNELS): "auto" runs
 the Pallas bounds kernel (certjax.kernels.lp_bounds_pallas: both ends per output tile in one pass) on a GPU
-for each configuration where it passed its check against this jnp path (certjax.kernels.verify.auto_bounds),
+for each configuration where it passed its check against this jnp path (certjax.kernels.autoselect),
 and this jnp path elsewhere; "pallas" / "interpret" run the kernel
 unchecked. The kernel computes values only: its custom_vjp backward is this module's blocked jnp backward, so
 gradients through bounds (loss.bound=ibp) are the jnp path's whatever the kernel. Its raw ends are rounded
@@ -204,7 +204,7 @@ def _lp_block(low, high, w_b, extra):
 
 def jnp_raw_bounds(lower, upper, w, mask, p):
     """The jnp path's (lo, hi) before outward rounding, in the signature of a bounds kernel (the reference
-    of certjax.kernels.verify's check and of the kernel tests)."""
+    of certjax.kernels.autoselect's check and of the kernel tests)."""
     _check(lower, upper, w, mask)
     return _blocked(_lp_block, lower, upper, w, (jnp.asarray(p, jnp.float32), mask))
 
@@ -218,9 +218,10 @@ def lp_distance_bounds(lower, upper, w, p, mask=None, *, kernel: str = "auto"):
         raise ValueError(f"unknown bounds kernel {kernel!r}; valid: {KERNELS}")
     raw_bounds = None  # None: the jnp path
     if kernel == "auto":
-        from certjax.kernels import verify  # imported here: verify imports this module
+        from certjax.kernels import autoselect  # imported on first use: it imports Pallas (~0.4 s)
 
-        raw_bounds = verify.auto_bounds(lower, w, mask)  # None: off GPU, or the kernel failed its check
+        op = autoselect.bounds_op(lp_distance_bounds_with, lp_rounding_allowance)
+        raw_bounds = autoselect.select(op, lower, w, mask)  # None: off GPU, or the kernel failed its check
     elif kernel in ("pallas", "interpret"):
         from certjax.kernels import lp_bounds_pallas
 
@@ -231,7 +232,7 @@ def lp_distance_bounds(lower, upper, w, p, mask=None, *, kernel: str = "auto"):
 def lp_distance_bounds_with(raw_bounds, lower, upper, w, p, mask=None):
     """lp_distance_bounds with the values from raw_bounds(lower, upper, w, mask, p) -> (lo, hi) before
     rounding (a kernel; None: the jnp path), rounded outward with the kernel allowance. For
-    certjax.kernels.verify, which checks a candidate kernel through exactly this function."""
+    certjax.kernels.autoselect, which checks a candidate kernel through exactly this function."""
     p = jnp.asarray(p, jnp.float32)
 
     def kernel_values(low, high, w, extra):

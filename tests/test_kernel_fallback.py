@@ -1,8 +1,8 @@
 """kernel="auto": a candidate kernel is checked once per configuration, and a broken one falls back to jnp
-(certjax.kernels.verify).
+(certjax.kernels.autoselect).
 
 On CPU "auto" has no candidate (the Triton kernels lower for CUDA only), so these tests inject one with
-`verify.candidate_for_auto`: the Pallas kernels in interpret mode (small tiles, so the grid has several
+`autoselect.candidate_for_auto`: the Pallas kernels in interpret mode (small tiles, so the grid has several
 programs), one that raises as a failed Triton compilation would, and two that compute wrong values (the jnp
 path, perturbed at p = inf) or wrong gradients (the interpret-mode kernels, perturbed at p = 8). A broken
 candidate must give exactly one warning per configuration and outputs bitwise
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from certjax.kernels import linf_dist_pallas, verify
+from certjax.kernels import autoselect, linf_dist_pallas
 from certjax.kernels.linf_dist import lp_distance, masked_lp_distance
 
 # unroll 1: the smallest interpret-mode programs to compile (test_kernels.py covers unrolled loops)
@@ -29,13 +29,13 @@ PS = (np.inf, 8.0)
 
 @pytest.fixture(autouse=True)
 def _fresh_decisions():
-    verify.clear_decisions()
+    autoselect.clear_decisions()
     yield
-    verify.clear_decisions()
+    autoselect.clear_decisions()
 
 
 def interpret_candidate(x, w, mask, p):
-    return verify.pallas_distance(x, w, mask, p, blocks=SMALL, interpret=True)
+    return autoselect.pallas_distance(x, w, mask, p, blocks=SMALL, interpret=True)
 
 
 def raising_candidate(x, w, mask, p):
@@ -45,7 +45,7 @@ def raising_candidate(x, w, mask, p):
 def wrong_values_candidate(x, w, mask, p):
     """The jnp path (quicker to compile than interpret mode), 1e-4 too large at p = inf, right at p = 8: only
     the p = inf check can see it."""
-    y = verify.jnp_distance(x, w, mask, p)
+    y = autoselect.jnp_distance(x, w, mask, p)
     return jnp.where(jnp.isinf(p), y * (1 + 1e-4), y)
 
 
@@ -96,12 +96,12 @@ def _jnp_values_and_grads(masked: bool):
 
 
 def _fallback_warnings(record) -> list[str]:
-    return [str(r.message) for r in record if issubclass(r.category, verify.KernelFallbackWarning)]
+    return [str(r.message) for r in record if issubclass(r.category, autoselect.KernelFallbackWarning)]
 
 
 def _assert_falls_back_to_jnp(candidate, masked: bool, *expected_in_message: str, traces: int = 1):
     """`traces` fresh traces of the same configuration: one check, one warning, the jnp path's numbers."""
-    with verify.candidate_for_auto(candidate), warnings.catch_warnings(record=True) as record:
+    with autoselect.candidate_for_auto(candidate), warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         runs = [_values_and_grads("auto", masked) for _ in range(traces)]
     messages = _fallback_warnings(record)
@@ -111,7 +111,7 @@ def _assert_falls_back_to_jnp(candidate, masked: bool, *expected_in_message: str
     for run in runs:
         for got, want in zip(jax.tree.leaves(run), jax.tree.leaves(_jnp_values_and_grads(masked))):
             np.testing.assert_array_equal(got, want)
-    (result,) = verify.decisions().values()
+    (result,) = autoselect.decisions().values()
     assert not result.ok
 
 
@@ -122,11 +122,11 @@ def test_a_correct_candidate_passes_the_check_and_is_used():
         calls.append(threading.current_thread().name)
         return interpret_candidate(x, w, mask, p)
 
-    with verify.candidate_for_auto(counting_candidate), warnings.catch_warnings(record=True) as record:
+    with autoselect.candidate_for_auto(counting_candidate), warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         auto = _values_and_grads("auto", masked=False)
     assert _fallback_warnings(record) == []
-    (result,) = verify.decisions().values()
+    (result,) = autoselect.decisions().values()
     assert result.ok and result.reason == "" and result.signature.describe().startswith("B x I x O = 13")
     assert result.errors["p=inf y"] == 0.0  # the same max of the same |x - w|
     assert max(result.errors.values()) < 1e-5
@@ -165,7 +165,7 @@ def test_training_proceeds_with_a_failing_kernel():
     config = get_config("demo")
     config.model.depth, config.model.width, config.train.batch_size = 3, 16, 16
     rng = np.random.default_rng(0)
-    with verify.candidate_for_auto(raising_candidate), warnings.catch_warnings(record=True) as record:
+    with autoselect.candidate_for_auto(raising_candidate), warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         exp = Experiment(config, need_train_data=False)
         state = exp.init_state()
@@ -181,7 +181,7 @@ def test_training_proceeds_with_a_failing_kernel():
     messages = _fallback_warnings(record)
     # layers 3072 -> 16 -> 16 -> 10 at the init batch (2) and the training batch (16): six configurations
     assert len(messages) == 6 and len(set(messages)) == 6, messages
-    assert len(verify.decisions()) == 6 and not any(r.ok for r in verify.decisions().values())
+    assert len(autoselect.decisions()) == 6 and not any(r.ok for r in autoselect.decisions().values())
 
 
 def test_off_gpu_auto_is_the_jnp_path_without_a_check():
@@ -190,7 +190,7 @@ def test_off_gpu_auto_is_the_jnp_path_without_a_check():
         warnings.simplefilter("error")
         y = lp_distance(x, w, jnp.float32(8.0))
     np.testing.assert_array_equal(y, lp_distance(x, w, jnp.float32(8.0), kernel="jnp"))
-    assert verify.decisions() == {}
+    assert autoselect.decisions() == {}
 
 
 def test_pallas_fails_loudly():
@@ -198,7 +198,7 @@ def test_pallas_fails_loudly():
     x, w, _, _ = _data(masked=False)
     with pytest.raises(ValueError, match="interpret mode"):
         lp_distance(x, w, jnp.float32(np.inf), kernel="pallas")
-    assert verify.decisions() == {}
+    assert autoselect.decisions() == {}
 
 
 # One of two cooperating processes: a candidate that fails on process 1 only, used inside jit(grad(...)).
@@ -206,21 +206,21 @@ _TWO_PROCESSES = """
 import sys, warnings
 import jax, jax.numpy as jnp, numpy as np
 jax.distributed.initialize(f"127.0.0.1:{sys.argv[2]}", num_processes=2, process_id=int(sys.argv[1]))
-from certjax.kernels import verify
+from certjax.kernels import autoselect
 from certjax.kernels.linf_dist import lp_distance
 
 def candidate(x, w, mask, p):
     if jax.process_index() == 1:
         raise RuntimeError("injected failure on process 1")
-    return verify.jnp_distance(x, w, mask, p)
+    return autoselect.jnp_distance(x, w, mask, p)
 
-with verify.candidate_for_auto(candidate), warnings.catch_warnings(record=True) as record:
+with autoselect.candidate_for_auto(candidate), warnings.catch_warnings(record=True) as record:
     warnings.simplefilter("always")
     loss = lambda x, w: jnp.sum(lp_distance(x, w, jnp.float32(8.0)))
     x, w = np.ones((4, 8), np.float32), np.zeros((3, 8), np.float32)
     jax.block_until_ready(jax.jit(jax.grad(loss, (0, 1)))(x, w))
-print("WARNINGS", [str(r.message) for r in record if r.category is verify.KernelFallbackWarning])
-print("USED", [r.ok for r in verify.decisions().values()])
+print("WARNINGS", [str(r.message) for r in record if r.category is autoselect.KernelFallbackWarning])
+print("USED", [r.ok for r in autoselect.decisions().values()])
 """
 
 

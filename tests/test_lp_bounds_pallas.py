@@ -1,5 +1,5 @@
 """The Pallas interval-bounds kernel (certjax.kernels.lp_bounds_pallas) in interpret mode on CPU, and its
-place in certjax.bounds and kernel="auto" (certjax.kernels.verify).
+place in certjax.bounds and kernel="auto" (certjax.kernels.autoselect).
 
 * the raw ends equal the jnp path's (bitwise at p = inf, to rounding at p = 8), with and without mask, at
   shapes that are no multiple of the tiles (several programs, padded inputs);
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from certjax import bounds
-from certjax.kernels import linf_dist_pallas, lp_bounds_pallas, verify
+from certjax.kernels import autoselect, linf_dist_pallas, lp_bounds_pallas
 
 # several programs per axis; unroll 4 pads I = 37 to 40 (unroll 1: no padding, the smallest programs)
 SMALL = linf_dist_pallas.BlockSizes(block_b=8, block_o=8, block_i=8, unroll=1, num_warps=4)
@@ -28,9 +28,9 @@ PS = (np.inf, 8.0)
 
 @pytest.fixture(autouse=True)
 def _fresh_decisions():
-    verify.clear_decisions()
+    autoselect.clear_decisions()
     yield
-    verify.clear_decisions()
+    autoselect.clear_decisions()
 
 
 def _boxes(masked: bool, seed: int = 0):
@@ -119,7 +119,7 @@ def test_kernel_bounds_differentiate_as_the_jnp_path():
 
 
 def _interpret_candidate(lower, upper, w, mask, p):
-    return verify.pallas_bounds(lower, upper, w, mask, p, blocks=SMALL, interpret=True)
+    return autoselect.pallas_bounds(lower, upper, w, mask, p, blocks=SMALL, interpret=True)
 
 
 def _tighter_candidate(lower, upper, w, mask, p):
@@ -137,18 +137,18 @@ def _auto_bounds(masked: bool):
 
 
 def _fallback_messages(record):
-    return [str(r.message) for r in record if issubclass(r.category, verify.KernelFallbackWarning)]
+    return [str(r.message) for r in record if issubclass(r.category, autoselect.KernelFallbackWarning)]
 
 
 def test_auto_checks_and_uses_a_correct_kernel():
     with (
-        verify.bounds_candidate_for_auto(_interpret_candidate),
+        autoselect.candidate_for_auto(_interpret_candidate, op="bounds"),
         warnings.catch_warnings(record=True) as record,
     ):
         warnings.simplefilter("always")
         got = _auto_bounds(masked=True)
     assert not _fallback_messages(record)
-    (result,) = verify.decisions().values()
+    (result,) = autoselect.decisions().values()
     assert result.ok and result.signature.op == "bounds" and "interval bounds" in result.signature.describe()
     assert set(result.errors) == {"p=inf lower", "p=inf upper", "p=8 lower", "p=8 upper"}
     assert result.errors["p=inf lower"] == 0.0 and result.errors["p=inf upper"] == 0.0
@@ -167,7 +167,10 @@ def test_auto_checks_and_uses_a_correct_kernel():
     ids=["tighter", "raises"],
 )
 def test_auto_falls_back_to_jnp_for_a_broken_kernel(candidate, expected):
-    with verify.bounds_candidate_for_auto(candidate), warnings.catch_warnings(record=True) as record:
+    with (
+        autoselect.candidate_for_auto(candidate, op="bounds"),
+        warnings.catch_warnings(record=True) as record,
+    ):
         warnings.simplefilter("always")
         got = _auto_bounds(masked=False)
         _auto_bounds(masked=False)  # a second trace: no second check, no second warning
@@ -175,7 +178,7 @@ def test_auto_falls_back_to_jnp_for_a_broken_kernel(candidate, expected):
     assert len(messages) == 1, messages
     for text in (expected, "interval bounds, B x I x O = 13 x 37 x 21", "uses the jnp path"):
         assert text in messages[0], (text, messages[0])
-    (result,) = verify.decisions().values()
+    (result,) = autoselect.decisions().values()
     assert not result.ok
     lower, upper, w, _ = _boxes(False, seed=1)
     for (lo, hi), p in zip(got, PS, strict=True):

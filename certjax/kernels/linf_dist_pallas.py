@@ -18,8 +18,8 @@ The CUDA code stages the rows through shared memory by hand; here Triton keeps t
   grad_x tiles [B, I] and loops over O, grad_w tiles [O, I] and loops over B. Each recomputes the powers
   (twice the transcendental work of one fused pass, which would need an atomic reduction over one axis).
 * l_inf backward: no kernel. The gradient goes to one coordinate per (b, o), so it is a scatter-add of B*O
-  values (`linf_dist.scatter_to_argmax`, shared with the jnp path; XLA scatters with atomics on GPU, as the
-  CUDA code's backward does), O(B*O); a dense atomic-free kernel would compare every (b, o, i), O(B*I*O),
+  values (`linf_dist_jnp.scatter_to_argmax`, shared with the jnp path; XLA scatters with atomics on GPU, as
+  the CUDA code's backward does), O(B*O); a dense atomic-free kernel would compare every (b, o, i), O(B*I*O),
   as much work as the forward.
 
 Shapes that are not multiples of the tiles are zero-padded: a padded coordinate has |d| = 0, which changes
@@ -32,7 +32,7 @@ jax's default, does not take these kernels (tried with jax 0.10.2): it stages ev
 (the whole I extent of x^T and w^T, 328 KB > 227 KB already at I = 256 with 128-wide tiles) and, at small I,
 rejects the row-vector broadcast (unsupported WGStridedFragLayout); a port would pipeline I explicitly.
 `interpret=True` runs the same kernels on any backend (the CPU tests). `lp_distance_reference` (from
-`linf_dist`) and `linf_argmax_reference` are the pure-jnp definitions the tests compare against.
+`linf_dist_jnp`) and `linf_argmax_reference` are the pure-jnp definitions the tests compare against.
 
 Not here: the sort neuron's top-K (K <= 10). A running top-K per output element costs ~K compare-selects
 per element where the arg-max costs two, and 2K registers per output element (values, indices) do not fit a
@@ -41,15 +41,14 @@ per element where the arg-max costs two, and 2K registers per output element (va
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
-from certjax.kernels.linf_dist import check_shapes, lp_distance_reference, scatter_to_argmax
+from certjax.kernels.linf_dist_jnp import check_shapes, lp_distance_reference, scatter_to_argmax
+from certjax.kernels.pallas_common import DEFAULT_BLOCKS, BlockSizes, compiler_params, pad_to, tile_grid
 
 __all__ = [
     "BlockSizes",
@@ -65,44 +64,12 @@ __all__ = [
 _TINY = float(jnp.finfo(jnp.float32).tiny)
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-    """Tile sizes (powers of two: Triton's tensors must be). Defaults mirror the original CUDA kernel's
-    64 x 64 output tile over 256 threads; not tuned on a GPU yet."""
-
-    block_b: int = 64  # batch rows per program (forward, grad_x)
-    block_o: int = 64  # output units per program (forward, grad_w)
-    block_i: int = 64  # input coordinates per program in the backward kernels
-    unroll: int = 8  # loop steps unrolled per iteration (over I forward, over O or B backward)
-    num_warps: int = 8
-
-    def __post_init__(self):
-        for name in ("block_b", "block_o", "block_i", "unroll"):
-            value = getattr(self, name)
-            if value < 1 or value & (value - 1):
-                raise ValueError(f"BlockSizes.{name} must be a power of two, got {value}")
-        if self.unroll > min(self.block_b, self.block_o):
-            raise ValueError(f"unroll {self.unroll} exceeds a tile ({self.block_b} x {self.block_o})")
-
-
 def linf_argmax_reference(x, w, mask=None):
     """(max_i |x[b,i] - w[o,i]| * mask[b,i], lowest arg-max) by materialising [B, O, I]: the definition."""
     d = jnp.abs(x[:, None, :] - w[None, :, :])
     if mask is not None:
         d = d * mask[:, None, :]
     return jnp.max(d, axis=-1), jnp.argmax(d, axis=-1).astype(jnp.int32)  # argmax: first on ties
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def _pad_to(a, shape):
-    return jnp.pad(a, [(0, t - s) for s, t in zip(a.shape, shape)])
-
-
-def _compiler_params(blocks: BlockSizes):
-    return plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=1)
 
 
 # --------------------------------------------------------------------------------------------- forward
@@ -169,15 +136,14 @@ def _forward_kernel(*refs, unroll: int, lp: bool, with_argmax: bool, has_mask: b
 def _forward_call(x, w, p, mask, *, lp: bool, with_argmax: bool, blocks: BlockSizes, interpret: bool):
     check_shapes(x, w, mask)
     (batch, size), out = x.shape, w.shape[0]
-    bb, bo = min(blocks.block_b, pl.next_power_of_2(batch)), min(blocks.block_o, pl.next_power_of_2(out))
-    padded_b, padded_o, padded_i = _round_up(batch, bb), _round_up(out, bo), _round_up(size, blocks.unroll)
-    operands = [_pad_to(x, (padded_b, padded_i)).T, _pad_to(w, (padded_o, padded_i)).T]
+    bb, bo, padded_b, padded_o, padded_i = tile_grid(batch, out, size, blocks, blocks.unroll)
+    operands = [pad_to(x, (padded_b, padded_i)).T, pad_to(w, (padded_o, padded_i)).T]
     in_specs = [
         pl.BlockSpec((padded_i, bb), lambda b, o: (0, b)),
         pl.BlockSpec((padded_i, bo), lambda b, o: (0, o)),
     ]
     if mask is not None:
-        operands.append(_pad_to(mask.astype(jnp.float32), (padded_b, padded_i)).T)
+        operands.append(pad_to(mask.astype(jnp.float32), (padded_b, padded_i)).T)
         in_specs.append(pl.BlockSpec((padded_i, bb), lambda b, o: (0, b)))
     if lp:
         operands.insert(0, jnp.reshape(jnp.asarray(p, jnp.float32), (1,)))
@@ -194,7 +160,7 @@ def _forward_call(x, w, p, mask, *, lp: bool, with_argmax: bool, blocks: BlockSi
         grid=(padded_b // bb, padded_o // bo),
         in_specs=in_specs,
         out_specs=[out_spec] * len(out_shape),
-        compiler_params=_compiler_params(blocks),
+        compiler_params=compiler_params(blocks),
         interpret=interpret,
         name="lp_distance_forward" if lp else "linf_distance_forward",
     )(*operands)
@@ -202,7 +168,9 @@ def _forward_call(x, w, p, mask, *, lp: bool, with_argmax: bool, blocks: BlockSi
 
 
 @functools.partial(jax.jit, static_argnames=("with_argmax", "blocks", "interpret"))
-def linf_forward(x, w, mask=None, *, with_argmax: bool = True, blocks=BlockSizes(), interpret: bool = False):
+def linf_forward(
+    x, w, mask=None, *, with_argmax: bool = True, blocks=DEFAULT_BLOCKS, interpret: bool = False
+):
     """l_inf distances y [B, O] and (with_argmax) the lowest arg-max index [B, O] int32."""
     results = _forward_call(
         x, w, None, mask, lp=False, with_argmax=with_argmax, blocks=blocks, interpret=interpret
@@ -211,7 +179,7 @@ def linf_forward(x, w, mask=None, *, with_argmax: bool = True, blocks=BlockSizes
 
 
 @functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
-def lp_forward(x, w, p, mask=None, *, blocks=BlockSizes(), interpret: bool = False):
+def lp_forward(x, w, p, mask=None, *, blocks=DEFAULT_BLOCKS, interpret: bool = False):
     """l_p distances y [B, O] for a finite traced p >= 1, by running-max rescaling."""
     return _forward_call(x, w, p, mask, lp=True, with_argmax=False, blocks=blocks, interpret=interpret)[0]
 
@@ -250,20 +218,19 @@ def _lp_grad_kernel(p_ref, tile_ref, rows_ref, coef_ref, inv_y_ref, *refs, unrol
 
 
 @functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
-def lp_backward(x, w, p, y, g, mask=None, *, blocks=BlockSizes(), interpret: bool = False):
+def lp_backward(x, w, p, y, g, mask=None, *, blocks=DEFAULT_BLOCKS, interpret: bool = False):
     """(grad_x, grad_w) of sum(g * y) for y = ||(x - w) * mask||_p (finite p), two dense kernels."""
     check_shapes(x, w, mask)
     (batch, size), out = x.shape, w.shape[0]
-    bb, bo = min(blocks.block_b, pl.next_power_of_2(batch)), min(blocks.block_o, pl.next_power_of_2(out))
     bi = min(blocks.block_i, pl.next_power_of_2(size))
+    bb, bo, padded_b, padded_o, padded_i = tile_grid(batch, out, size, blocks, bi)
     unroll = min(blocks.unroll, bb, bo)
-    padded_b, padded_o, padded_i = _round_up(batch, bb), _round_up(out, bo), _round_up(size, bi)
     positive = y > 0
-    coef = _pad_to(jnp.where(positive, g, 0.0), (padded_b, padded_o))  # padded rows / units: no gradient
-    inv_y = _pad_to(1.0 / jnp.where(positive, y, 1.0), (padded_b, padded_o))
-    x_p, w_p = _pad_to(x, (padded_b, padded_i)), _pad_to(w, (padded_o, padded_i))
+    coef = pad_to(jnp.where(positive, g, 0.0), (padded_b, padded_o))  # padded rows / units: no gradient
+    inv_y = pad_to(1.0 / jnp.where(positive, y, 1.0), (padded_b, padded_o))
+    x_p, w_p = pad_to(x, (padded_b, padded_i)), pad_to(w, (padded_o, padded_i))
     p_arr = jnp.reshape(jnp.asarray(p, jnp.float32), (1,))
-    mask_p = None if mask is None else _pad_to(mask.astype(jnp.float32), (padded_b, padded_i))
+    mask_p = None if mask is None else pad_to(mask.astype(jnp.float32), (padded_b, padded_i))
     p_spec = pl.BlockSpec((1,), lambda r, c: (0,))
 
     def call(of_x: bool):
@@ -291,7 +258,7 @@ def lp_backward(x, w, p, y, g, mask=None, *, blocks=BlockSizes(), interpret: boo
             grid=(rows // cols, padded_i // bi),
             in_specs=in_specs,
             out_specs=pl.BlockSpec((cols, bi), lambda r, c: (r, c)),
-            compiler_params=_compiler_params(blocks),
+            compiler_params=compiler_params(blocks),
             interpret=interpret,
             name="lp_distance_grad_x" if of_x else "lp_distance_grad_w",
         )(*operands)
@@ -303,7 +270,7 @@ def lp_backward(x, w, p, y, g, mask=None, *, blocks=BlockSizes(), interpret: boo
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def lp_distance_pallas(x, w, mask, p, blocks: BlockSizes = BlockSizes(), interpret: bool = False):
+def lp_distance_pallas(x, w, mask, p, blocks: BlockSizes = DEFAULT_BLOCKS, interpret: bool = False):
     """||(x[b] - w[o]) * mask[b]||_p [B, O] (mask None: all kept); p a traced scalar, jnp.inf for l_inf.
 
     Without differentiation only y is computed (no arg-max). `lax.cond` on isinf(p) picks the kernel at

@@ -38,7 +38,7 @@ Rounding (what certjax.bounds adds around the raw ends this kernel returns; `KER
   rounding of d_i adds u. With 8.5 log2 n <= 1.5 n + 16: <= ((6 n + 22) / p + 11) u. certjax.bounds widens
   by ((8 n + 32) / p + 32) u (first-order terms above, the rest well inside the difference).
 The jnp path's own allowance (certjax.bounds module docstring) assumes XLA's ops; the kernel's is wider.
-`certjax.kernels.verify` checks every configuration against the jnp path before "auto" uses it, including
+`certjax.kernels.autoselect` checks every configuration against the jnp path before "auto" uses it, including
 that the kernel's rounded interval contains the jnp path's up to their allowances.
 """
 
@@ -50,12 +50,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from certjax.kernels.linf_dist import check_shapes
-from certjax.kernels.linf_dist_pallas import BlockSizes, _compiler_params, _pad_to, _round_up
+from certjax.kernels.linf_dist_jnp import check_shapes
+from certjax.kernels.pallas_common import DEFAULT_BLOCKS, BlockSizes, compiler_params, pad_to, tile_grid
 
 __all__ = ["BlockSizes", "lp_bounds_pallas"]
-
-_DEFAULT_BLOCKS = BlockSizes()  # the forward kernel's tiles (not tuned on a GPU for two accumulators yet)
 
 
 def _bounds_kernel(*refs, unroll: int, lp: bool, has_mask: bool):
@@ -120,14 +118,13 @@ def _bounds_kernel(*refs, unroll: int, lp: bool, has_mask: bool):
 
 def _bounds_call(lower, upper, w, p, mask, *, lp: bool, blocks: BlockSizes, interpret: bool):
     (batch, size), out = lower.shape, w.shape[0]
-    bb, bo = min(blocks.block_b, pl.next_power_of_2(batch)), min(blocks.block_o, pl.next_power_of_2(out))
-    padded_b, padded_o, padded_i = _round_up(batch, bb), _round_up(out, bo), _round_up(size, blocks.unroll)
+    bb, bo, padded_b, padded_o, padded_i = tile_grid(batch, out, size, blocks, blocks.unroll)
     row_spec = pl.BlockSpec((padded_i, bb), lambda b, o: (0, b))
-    operands = [_pad_to(lower, (padded_b, padded_i)).T, _pad_to(upper, (padded_b, padded_i)).T]
-    operands.append(_pad_to(w, (padded_o, padded_i)).T)
+    operands = [pad_to(lower, (padded_b, padded_i)).T, pad_to(upper, (padded_b, padded_i)).T]
+    operands.append(pad_to(w, (padded_o, padded_i)).T)
     in_specs = [row_spec, row_spec, pl.BlockSpec((padded_i, bo), lambda b, o: (0, o))]
     if mask is not None:
-        operands.append(_pad_to(mask.astype(jnp.float32), (padded_b, padded_i)).T)
+        operands.append(pad_to(mask.astype(jnp.float32), (padded_b, padded_i)).T)
         in_specs.append(row_spec)
     if lp:
         operands.insert(0, jnp.reshape(jnp.asarray(p, jnp.float32), (1,)))
@@ -140,7 +137,7 @@ def _bounds_call(lower, upper, w, p, mask, *, lp: bool, blocks: BlockSizes, inte
         grid=(padded_b // bb, padded_o // bo),
         in_specs=in_specs,
         out_specs=[out_spec, out_spec],
-        compiler_params=_compiler_params(blocks),
+        compiler_params=compiler_params(blocks),
         interpret=interpret,
         name="lp_distance_bounds" if lp else "linf_distance_bounds",
     )(*operands)
@@ -148,7 +145,7 @@ def _bounds_call(lower, upper, w, p, mask, *, lp: bool, blocks: BlockSizes, inte
 
 
 @functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
-def lp_bounds_pallas(lower, upper, w, mask, p, *, blocks=_DEFAULT_BLOCKS, interpret: bool = False):
+def lp_bounds_pallas(lower, upper, w, mask, p, *, blocks=DEFAULT_BLOCKS, interpret: bool = False):
     """Raw (lo, hi) [B, O] of ||(x - w[o]) * mask||_p over x in [lower, upper], before certjax.bounds rounds
     them outward (module docstring). p: traced scalar >= 1, jnp.inf for l_inf (`lax.cond` picks the kernel at
     run time). No gradient of its own: use it through certjax.bounds.lp_distance_bounds."""
