@@ -14,7 +14,9 @@ its loader drops the last partial batch, our index stream carries on into the ne
 epoch-based setting (schedules, evaluation and checkpoint intervals, the log's epoch) follows
 `steps_per_epoch`.
 
-Images stay uint8 until the jitted step, where augmentation and normalisation run.
+Images stay uint8 until the jitted step, where augmentation and normalisation run. Their shape is the
+dataset's (`Sources.image_shape`, from its record in certjax.data.sources.DATASETS): the generated data must
+match the real data's.
 """
 
 from __future__ import annotations
@@ -64,9 +66,10 @@ def _index_batches(num_items: int, per_batch: int, seed: int) -> grain.MapDatase
 
 @dataclasses.dataclass
 class MixedBatches:
-    """Random-access batches {'image': uint8 [B,32,32,3], 'label': int32 [B]} by step.
+    """Random-access batches {'image': uint8 [B, H, W, C], 'label': int32 [B]} by step.
 
-    real / generated are sources with `__len__` and `read(indices) -> (images, labels)` (see sources.py).
+    real / generated are sources with `__len__` and `read(indices) -> (images, labels)`
+    (certjax.data.sources), of one image shape.
     process_index / process_count select this host's contiguous slice of every global batch.
     """
 
@@ -162,7 +165,11 @@ def eval_batches(source, batch_size: int, limit: int = 0, seed: int = 0) -> Iter
 
 @dataclasses.dataclass
 class Sources:
-    """The sources of one experiment, built (and validated) from `config.data` before training starts."""
+    """The sources of one experiment, built (and validated) from `config.data` before training starts.
+
+    image_shape: (H, W, C) of every image, from the dataset's record (certjax.data.sources.DATASETS): what
+    the model's input is.
+    """
 
     train: object | None
     test: object
@@ -170,6 +177,7 @@ class Sources:
     real_fraction: float
     num_classes: int
     notes: list[str]
+    image_shape: tuple[int, int, int]
 
     def describe(self) -> str:
         lines = [
@@ -211,6 +219,7 @@ def make_sources(config, *, need_train: bool = True, need_generated: bool = True
                 test.num_classes,
                 limit=data.get("generated_limit", 0) or None,
                 seed=config.seed,
+                image_shape=test.image_shape,
             )
             real_fraction = float(data.real_fraction)
         elif not data.get("generated", ""):
@@ -222,4 +231,5 @@ def make_sources(config, *, need_train: bool = True, need_generated: bool = True
         real_fraction=real_fraction,
         num_classes=test.num_classes,
         notes=notes,
+        image_shape=test.image_shape,
     )

@@ -1,10 +1,12 @@
 """A user's images for `launch.py --mode=certify`: a folder or zip of image files, an .npz, or one image file.
 
 In a folder or zip, images lying in two or more sub-folders are labelled by their folder (class folders, the
-layout of the CIFAR image zips, ``[<split>/]<class>/<file>``; CIFAR-10 names in CIFAR-10 order, other names
-sorted); otherwise there are no labels. An .npz holds `image` (uint8 [N, 32, 32, 3], or float in [0, 1])
-and optionally `label` [N]. Every problem is a DataError naming the file and the fix; a corrupt image is
-skipped with a warning instead when `skip_bad` is set.
+layout of the CIFAR image zips, ``[<split>/]<class>/<file>``, read by the rules of
+certjax.data.sources.image_folder; CIFAR-10 names in CIFAR-10 order, other names sorted); otherwise there are
+no labels. An .npz holds `image` (uint8 [N, H, W, C], or float in [0, 1]) and optionally `label` [N]. The
+image shape is the model's dataset's (`image_shape`, from certjax.data.sources.DATASETS; CIFAR's 32 x 32 x 3
+by default). Every problem is a DataError naming the file and the fix; a corrupt image is skipped with a
+warning instead when `skip_bad` is set.
 """
 
 from __future__ import annotations
@@ -18,34 +20,39 @@ from pathlib import Path
 
 import numpy as np
 
-from certjax.data.sources import _IMAGE_SUFFIXES, CIFAR10_CLASSES, DataError, _is_junk
-
-IMAGE_SHAPE = (32, 32, 3)
+from certjax.data.sources import CIFAR10_CLASSES, IMAGE_SHAPE, IMAGE_SUFFIXES, DataError, is_junk
 
 
 @dataclasses.dataclass
 class UserImages:
     names: list[str]  # one per image: the file (member of a zip, or npz:index)
-    images: np.ndarray  # uint8 [N, 32, 32, 3] or float32 in [0, 1]
+    images: np.ndarray  # uint8 [N, H, W, C] or float32 in [0, 1]
     labels: np.ndarray | None  # int32 [N] or None
     class_names: list[str] | None  # label -> class folder name, when labels come from folders
     skipped: list[str]  # files skipped as unreadable (skip_bad)
 
 
-def _decode(data: bytes, where: str) -> np.ndarray:
+def _shape_text(image_shape) -> str:
+    return "x".join(str(n) for n in image_shape)
+
+
+def _decode(data: bytes, where: str, image_shape) -> np.ndarray:
     from PIL import Image
 
+    height, width = image_shape[:2]
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-            if image.size != (32, 32) or image.mode not in ("RGB", "L", "P", "RGBA", "CMYK", "YCbCr"):
+            if image.size != (width, height) or image.mode not in ("RGB", "L", "P", "RGBA", "CMYK", "YCbCr"):
                 bands = len(image.getbands())
                 raise DataError(
                     f"{where}: image is {image.size[0]}x{image.size[1]}x{bands} ({image.mode}), expected "
-                    "32x32x3 RGB: resize it to CIFAR size first"
+                    f"{_shape_text(image_shape)} RGB: resize it to the model's input size first"
                 )
             if image.mode == "RGBA":
-                raise DataError(f"{where}: image has an alpha channel (RGBA), expected 32x32x3 RGB")
+                raise DataError(
+                    f"{where}: image has an alpha channel (RGBA), expected {_shape_text(image_shape)} RGB"
+                )
             return np.asarray(image.convert("RGB"), np.uint8)
     except DataError:
         raise
@@ -58,11 +65,11 @@ def _warn(message: str) -> None:
     print(f"certjax: warning: {message}", file=sys.stderr, flush=True)
 
 
-def _from_members(path: Path, names: list[str], read, skip_bad: bool) -> UserImages:
-    names = sorted(n for n in names if not _is_junk(n.split("/")) and n.lower().endswith(_IMAGE_SUFFIXES))
+def _from_members(path: Path, names: list[str], read, skip_bad: bool, image_shape) -> UserImages:
+    names = sorted(n for n in names if not is_junk(n.split("/")) and n.lower().endswith(IMAGE_SUFFIXES))
     if not names:
         raise DataError(
-            f"{path}: no image files ({', '.join(_IMAGE_SUFFIXES)}) found: pass a folder or zip of images, "
+            f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) found: pass a folder or zip of images, "
             "an .npz with an 'image' array, or one image file"
         )
     parents = {n.rsplit("/", 1)[0] if "/" in n else "" for n in names}
@@ -79,9 +86,9 @@ def _from_members(path: Path, names: list[str], read, skip_bad: bool) -> UserIma
                 data = read(name)
             except Exception as error:  # a damaged zip member, an unreadable file
                 raise DataError(f"{where}: cannot read ({type(error).__name__}: {error})") from error
-            images.append(_decode(data, where))
+            images.append(_decode(data, where, image_shape))
         except DataError as error:
-            if "expected 32x32x3" in str(error):
+            if f"expected {_shape_text(image_shape)}" in str(error):  # a wrong size is no corrupt file
                 raise
             if not skip_bad:
                 raise DataError(f"{error} (--skip-bad-images skips unreadable images)") from None
@@ -102,13 +109,14 @@ def _from_members(path: Path, names: list[str], read, skip_bad: bool) -> UserIma
     )
 
 
-def _from_npz(path: Path) -> UserImages:
+def _from_npz(path: Path, image_shape) -> UserImages:
+    dims = ", ".join(str(n) for n in image_shape)
     try:
         with np.load(path, allow_pickle=False) as data:
             if "image" not in data.files:
                 raise DataError(
                     f"{path}: no 'image' array (found {sorted(data.files)}); save the images as "
-                    "np.savez(path, image=uint8 [N, 32, 32, 3], label=[N] optional)"
+                    f"np.savez(path, image=uint8 [N, {dims}], label=[N] optional)"
                 )
             images = np.asarray(data["image"])
             labels = np.asarray(data["label"]) if "label" in data.files else None
@@ -116,10 +124,10 @@ def _from_npz(path: Path) -> UserImages:
         raise
     except Exception as error:
         raise DataError(f"{path}: cannot read the .npz ({type(error).__name__}: {error})") from error
-    if images.shape == IMAGE_SHAPE:
+    if images.shape == tuple(image_shape):
         images = images[None]
-    if images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
-        raise DataError(f"{path}: 'image' has shape {images.shape}, expected [N, 32, 32, 3] (NHWC, RGB)")
+    if images.ndim != 4 or images.shape[1:] != tuple(image_shape):
+        raise DataError(f"{path}: 'image' has shape {images.shape}, expected [N, {dims}] (NHWC, RGB)")
     if labels is not None and labels.shape != (len(images),):
         raise DataError(f"{path}: 'label' has shape {labels.shape}, expected ({len(images)},)")
     if len(images) == 0:
@@ -134,8 +142,16 @@ def _from_npz(path: Path) -> UserImages:
     return UserImages(names, images, None if labels is None else labels.astype(np.int32), None, [])
 
 
-def read_user_images(path, skip_bad: bool = False) -> UserImages:
-    """The images (and labels, when known) at path: folder, .zip, .npz or one image file."""
+def read_user_images(path, skip_bad: bool = False, image_shape=IMAGE_SHAPE) -> UserImages:
+    """The images (and labels, when known) at path: folder, .zip, .npz or one image file.
+
+    Args:
+      path: the folder, .zip, .npz or image file. skip_bad: skip (with a warning) images that cannot be read.
+      image_shape: (H, W, C) the model takes: its dataset's `DATASETS[config.data.dataset].image_shape`.
+
+    Returns:
+      UserImages; a DataError names the file and the fix for any bad input.
+    """
     path = Path(path).expanduser()
     if path.is_dir():
         names = []
@@ -143,22 +159,24 @@ def read_user_images(path, skip_bad: bool = False) -> UserImages:
             subdirectories.sort()
             relative = Path(directory).relative_to(path)
             names += [(relative / f).as_posix() for f in files]
-        return _from_members(path, names, lambda name: (path / name).read_bytes(), skip_bad)
+        return _from_members(path, names, lambda name: (path / name).read_bytes(), skip_bad, image_shape)
     if not path.is_file():
         raise DataError(f"{path}: no such file or directory (pass a folder, a .zip, an .npz or an image)")
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        return _from_npz(path)
+        return _from_npz(path, image_shape)
     if suffix == ".zip":
         try:
             with zipfile.ZipFile(path) as archive:
                 names = [i.filename for i in archive.infolist() if not i.is_dir()]
-                return _from_members(path, names, archive.read, skip_bad)
+                return _from_members(path, names, archive.read, skip_bad, image_shape)
         except zipfile.BadZipFile as error:
             raise DataError(f"{path}: not a readable zip file ({error}); copy it again") from error
-    if suffix in _IMAGE_SUFFIXES:
-        return UserImages([path.name], _decode(path.read_bytes(), str(path))[None], None, None, [])
+    if suffix in IMAGE_SUFFIXES:
+        return UserImages(
+            [path.name], _decode(path.read_bytes(), str(path), image_shape)[None], None, None, []
+        )
     raise DataError(
         f"{path}: unknown kind of file {suffix!r}: pass a folder or .zip of images, an .npz or one image "
-        f"({', '.join(_IMAGE_SUFFIXES)})"
+        f"({', '.join(IMAGE_SUFFIXES)})"
     )

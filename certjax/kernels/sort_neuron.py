@@ -11,9 +11,8 @@ Top-K selection without a [B, O, I] buffer: `jax.lax.top_k` on |x - w| for block
 (lax.map over blocks), so at most [B, block_out, I] lives at once. Measured on this 2-core CPU at B = O = I =
 512, K = 10: whole-tensor top_k 0.63 s, blocks of 64 0.53 s; K threshold passes of fused reductions 1.4 s
 (compare-heavy reductions do not vectorise on XLA CPU). top_k also returns the indices, which make the
-backward
-a scatter of B*O*K values: the gradient of y is c_k * sign(d) at the k-th selected coordinate (ties broken by
-the lowest index, as top_k does), exact away from ties.
+backward a scatter of B*O*K values: the gradient of y is c_k * sign(d) at the k-th selected coordinate (ties
+broken by the lowest index, as top_k does), exact away from ties.
 """
 
 from __future__ import annotations
