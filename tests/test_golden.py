@@ -124,7 +124,8 @@ def train_step_outputs(workdir: Path) -> tuple[dict, dict]:
     """One jitted train step (Experiment.train_step) on the pipeline's batch of that step, with the schedule
     values the training loop feeds there: from the last checkpoint's state ("restored", at its step) and from
     a fresh init ("init", step 0). The batches, the loss and metrics and every leaf of the new state."""
-    from certjax import checkpoints, schedules
+    from certjax import checkpoints
+    from certjax.optim import schedules
     from certjax.train import Experiment, _device_schedule
 
     manager = checkpoints.make_manager(str(workdir), read_only=True)
