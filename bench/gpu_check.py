@@ -13,7 +13,8 @@ Sections (rows of one table; progress goes to stderr):
               path, forward and forward + backward at p = inf and p = 8: time, elements/s (B*I*O per second;
               for forward + backward too) and % of the FP32 peak of the device (`FP32_PEAK_TFLOPS`, keyed by
               device_kind), one element counted as 3 FLOP (subtract, abs, max); and the interval bounds of
-              the layer (certjax.bounds.lp_distance_bounds, box x +- 0.1), Pallas bounds kernel and jnp,
+              the layer (certjax.certify.interval.lp_distance_bounds, box x +- 0.1), Pallas bounds kernel and
+              jnp,
               forward only (the kernel's backward is the jnp path's), elements/s counting B*I*O once;
   throughput  one train step (certjax.train.Experiment.train_step: augmentation, forward, loss, backward,
               optimiser) of each family at its paper size on random uint8 batches of the config's batch size
@@ -154,7 +155,7 @@ def check_worker(plan: Plan, smoke: bool) -> None:
     its interval bounds."""
     import functools
 
-    from certjax import bounds
+    from certjax.certify import interval as bounds
     from certjax.kernels import autoselect
 
     bounds_op = autoselect.bounds_op(bounds.lp_distance_bounds_with, bounds.lp_rounding_allowance)
@@ -192,7 +193,7 @@ def kernel_worker(plan: Plan, smoke: bool) -> None:
     import numpy as np
     from timing import timed
 
-    from certjax.bounds import lp_distance_bounds
+    from certjax.certify.interval import lp_distance_bounds
     from certjax.kernels.linf_dist import lp_distance
 
     device_kind = jax.devices()[0].device_kind

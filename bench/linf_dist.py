@@ -8,7 +8,8 @@ elements/s (B*I*O per second) of
   previous   (p = inf) the jnp path before the arg-max scan: first arg-max recomputed in the backward,
   naive      broadcast-reduce over a materialised [B, O, I] with plain autodiff (skipped when that buffer
              would exceed --naive-max-gb),
-  bounds     the interval bounds of the layer (certjax.bounds.lp_distance_bounds, kernel="jnp": lower and
+  bounds     the interval bounds of the layer (certjax.certify.interval.lp_distance_bounds, kernel="jnp":
+  lower and
              upper in one blocked pass, a box of half-width 0.1 around x; backward: gradients of
              sum(g * (lo + hi))),
   bounds pallas  the same through the Pallas bounds kernel (certjax.kernels.lp_bounds_pallas, GPU only;
@@ -111,7 +112,7 @@ previous_lp_distance.defvjp(_previous_fwd, _previous_bwd)
 def bounds_sum(x, w, p, kernel="jnp"):
     """lower + upper interval bound of the layer over the box x +- 0.1 (one [B, O] output, so that the
     forward + backward timing below differentiates both ends)."""
-    from certjax.bounds import lp_distance_bounds
+    from certjax.certify.interval import lp_distance_bounds
 
     lower, upper = lp_distance_bounds(x - 0.1, x + 0.1, w, p, kernel=kernel)
     return lower + upper

@@ -27,7 +27,7 @@ import os
 
 import numpy as np
 
-from certjax.certify import round_up_float32
+from certjax.certify.rounding import round_up_float32
 
 IMAGE_SHAPE = (32, 32, 3)
 

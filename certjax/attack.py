@@ -13,13 +13,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-
-def smallest_margin(logits, labels):
-    """z_y - max_{j != y} z_j, masking the true class by index."""
-    is_true = jax.nn.one_hot(labels, logits.shape[-1], dtype=bool)
-    true_logit = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
-    best_other = jnp.max(jnp.where(is_true, -jnp.inf, logits), axis=-1)
-    return true_logit - best_other
+from certjax.certify.margins import smallest_margin
+from certjax.certify.norms import l2_norm_per_example
 
 
 def _pgd(logits_fn, images, labels, rng, steps: int, restarts: int, random_start, ascent_step):
@@ -66,9 +61,7 @@ def pgd_linf(logits_fn, images, labels, eps, rng, *, steps: int = 100, restarts:
 
 
 def _l2_norm(x):
-    return jnp.sqrt(jnp.sum(jnp.square(x.reshape(x.shape[0], -1)), axis=1)).reshape(
-        (-1,) + (1,) * (x.ndim - 1)
-    )
+    return l2_norm_per_example(x).reshape((-1,) + (1,) * (x.ndim - 1))
 
 
 @functools.partial(jax.jit, static_argnames=("logits_fn", "steps", "restarts"))

@@ -40,8 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from certjax.attack import smallest_margin
-from certjax.certify import margin_lipschitz_linf
+from certjax.certify.margins import margin_lipschitz_linf, mask_true_class, smallest_margin, true_class_logit
+from certjax.certify.norms import l2_norm_per_example
 
 RATIO_TOLERANCE = 1e-3  # float32 rounding of logit differences at the probe distances used below
 PROBE_DISTANCE = 0.1  # normalised input units: large against float32 rounding, small against the input range
@@ -49,7 +49,7 @@ PROBE_DISTANCE = 0.1  # normalised input units: large against float32 rounding, 
 
 def _norm(delta, threat_model):
     flat = delta.reshape(delta.shape[0], -1)
-    return jnp.max(jnp.abs(flat), axis=1) if threat_model == "linf" else jnp.sqrt(jnp.sum(flat**2, axis=1))
+    return jnp.max(jnp.abs(flat), axis=1) if threat_model == "linf" else l2_norm_per_example(flat)
 
 
 def _expand(v, like):
@@ -88,8 +88,8 @@ def _make_attack(model, mean, std, threat_model: str, steps: int, restarts: int)
 
     def objective(variables, x, labels, targets):
         z = logits_of(variables, x)
-        true_logit = jnp.take_along_axis(z, labels[:, None], axis=1)[:, 0]
-        target_logit = jnp.take_along_axis(z, jnp.maximum(targets, 0)[:, None], axis=1)[:, 0]
+        true_logit = true_class_logit(z, labels)[:, 0]
+        target_logit = true_class_logit(z, jnp.maximum(targets, 0))[:, 0]
         return jnp.where(targets >= 0, true_logit - target_logit, smallest_margin(z, labels))
 
     @jax.jit
@@ -132,9 +132,7 @@ def _make_attack(model, mean, std, threat_model: str, steps: int, restarts: int)
         """The steepest direction of a unit step: sign of the gradient of z_y (l_inf: every logit's own bound
         is probed) or the normalised gradient of the smallest margin (l_2: the pair bound is probed)."""
         if threat_model == "linf":
-            g = jax.grad(
-                lambda v: jnp.sum(jnp.take_along_axis(logits_normalised(variables, v), labels[:, None], 1))
-            )(xn)
+            g = jax.grad(lambda v: jnp.sum(true_class_logit(logits_normalised(variables, v), labels)))(xn)
             return jnp.sign(g)
         g = jax.grad(lambda v: jnp.sum(smallest_margin(logits_normalised(variables, v), labels)))(xn)
         return g / _expand(jnp.maximum(_norm(g, "l2"), 1e-12), g)
@@ -251,7 +249,9 @@ def audit_model(exp, state, images, labels, *, steps=100, restarts=5, targets=3,
         # margin-targeted attacks on the certified points: each of the `targets` largest other logits
         is_cert = certified[idx]
         if is_cert.any():
-            others = np.where(np.eye(num_classes, dtype=bool)[labels[idx]], -np.inf, clean_logits)
+            others = np.asarray(
+                mask_true_class(jnp.asarray(clean_logits), jnp.asarray(labels[idx]), -jnp.inf)
+            )
             order = np.argsort(-others, axis=1)[:, : min(targets, num_classes - 1)]
             for t in range(order.shape[1]):
                 rng, key = jax.random.split(rng)

@@ -299,7 +299,7 @@ def epoch_definition_errors(config) -> list[str]:
 def certify_errors(config, family) -> list[str]:
     """certify.eps, certify.radii and the certification method for the family (None if model.name is
     unknown: the method is then not checked)."""
-    from certjax.certify import certify_method
+    from certjax.certify.margins import certify_method
 
     errors = ErrorList(config)
     eps = config.certify.eps

@@ -5,7 +5,8 @@
     logits = model.logits(images)
 
 Loading checks the manifest's own hash and the SHA-256 of every file before anything is deserialised, and
-refuses a changed file with ExportError naming it. Certification is the margin math of certjax/certify.py
+refuses a changed file with ExportError naming it. Certification is the margin math of
+certjax/certify/margins.py
 (jax and numpy) on the artifact's logits and rounding bound, with the manifest's pairwise Lipschitz bounds:
 the numbers `certjax.api` gives for the same checkpoint (tests/test_export.py).
 """
@@ -20,7 +21,8 @@ import os
 import jax
 import numpy as np
 
-from certjax.certify import get_certifier, round_up_float32
+from certjax.certify.margins import get_certifier
+from certjax.certify.rounding import round_up_float32
 
 FORMAT_VERSION = 1
 

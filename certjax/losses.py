@@ -14,12 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-
-def margins(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """m[b, j] = z_y - z_j, with +inf at j = y (masked by index, never by value)."""
-    true_logit = jnp.take_along_axis(logits, labels[:, None], axis=1)
-    is_true = jax.nn.one_hot(labels, logits.shape[-1], dtype=bool)
-    return jnp.where(is_true, jnp.inf, true_logit - logits)
+from certjax.certify.margins import margins, mask_true_class, true_class_logit
 
 
 def cross_entropy(logits, logit_scale, labels, schedule, loss_config):
@@ -55,20 +50,21 @@ def hinge(logits, logit_scale, labels, schedule, loss_config, logit_bounds=None)
       u_j = (z_j + eps_train) - (z_y - eps_train) = z_j - z_y + 2 eps_train (the original passes no input
       bounds in training, and its Model then takes logit +- eps as the bounds);
     * "ibp": u_j = upper(z_j) - lower(z_y) from interval bounds through every layer (logit_bounds, given by
-      the trainer; certjax.bounds.margin_upper_bounds).
+      the trainer; certjax.certify.interval.margin_upper_bounds).
     """
     del logit_scale
     mix = loss_config.get("mix", 0.75)
     if loss_config.get("bound", "lipschitz") == "ibp":
         if logit_bounds is None:
-            raise ValueError("loss.bound='ibp' needs the logit bounds from the model (certjax.bounds)")
-        from certjax.bounds import margin_upper_bounds
+            raise ValueError(
+                "loss.bound='ibp' needs the logit bounds from the model (certjax.certify.interval)"
+            )
+        from certjax.certify.interval import margin_upper_bounds
 
         upper = margin_upper_bounds(*logit_bounds, labels)
     else:
-        true_logit = jnp.take_along_axis(logits, labels[:, None], axis=1)
-        is_true = jax.nn.one_hot(labels, logits.shape[-1], dtype=bool)
-        upper = jnp.where(is_true, 0.0, logits - true_logit + 2.0 * schedule["eps_train"])
+        gap = logits - true_class_logit(logits, labels) + 2.0 * schedule["eps_train"]
+        upper = mask_true_class(gap, labels, 0.0)
     positive = jax.nn.relu(upper)
     return mix * jnp.max(positive, axis=-1) + (1.0 - mix) * jnp.mean(positive, axis=-1)
 
@@ -105,14 +101,12 @@ def emma_exact(logits, pair_bound, labels, schedule, loss_config):
     """
     del loss_config
     eps = schedule["eps_train"]
-    true_logit = jnp.take_along_axis(logits, labels[:, None], axis=1)
-    gap = logits - true_logit  # d_i
+    gap = logits - true_class_logit(logits, labels)  # d_i
     margin_bound = pair_bound[labels]  # m_i, [B, C]
     needed = -gap / jnp.maximum(margin_bound * eps, 1e-8)
     fraction = jax.lax.stop_gradient(jnp.clip(needed, 0.01, 1.0))  # eps_i
     raised = gap + fraction * eps * margin_bound
-    is_true = jax.nn.one_hot(labels, logits.shape[-1], dtype=bool)
-    raised = jnp.where(is_true, 0.0, raised)
+    raised = mask_true_class(raised, labels, 0.0)
     return optax.softmax_cross_entropy_with_integer_labels(raised, labels)
 
 
@@ -128,9 +122,8 @@ def gloro_trades(logits, pair_bound, labels, schedule, loss_config):
     loss_config.trades_lambda weighs it (the snapshot's lambda_kl, default 1).
     """
     prediction = jnp.argmax(logits, axis=-1)
-    is_prediction = jax.nn.one_hot(prediction, logits.shape[-1], dtype=bool)
     reachable = logits + schedule["eps_train"] * pair_bound[prediction]
-    bottom = jnp.max(jnp.where(is_prediction, -jnp.inf, reachable), axis=-1)
+    bottom = jnp.max(mask_true_class(reachable, prediction, -jnp.inf), axis=-1)  # the prediction masked
     log_partition = jax.nn.logsumexp(logits, axis=-1)
     kl = jax.nn.softplus(bottom - log_partition)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)

@@ -34,15 +34,15 @@ from clu import metrics as clu_metrics
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from certjax import bounds as interval_bounds
 from certjax import checkpoints
-from certjax.certify import certify_method, get_certifier, pixel_radius_scale, round_up_float32
+from certjax.certify import interval as interval_bounds
+from certjax.certify.margins import certify_method, get_certifier, pixel_radius_scale
+from certjax.certify.rounding import normalisation_error_l2, normalisation_error_linf, round_up_float32
 from certjax.config_checks import check_config
 from certjax.data import pipeline
 from certjax.data.augment import augment_batch, normalize
 from certjax.losses import get_loss
 from certjax.models import get_family
-from certjax.models.layers import FLOAT32_ROUNDING
 from certjax.optim import make_optimizer, schedules
 from certjax.writers import MetricWriter, console
 
@@ -227,7 +227,8 @@ class Experiment:
         loss_schedule = dict(schedule, eps_train=schedule["eps_train"] * self.input_scale)
 
         train_on_bounds = self.config.loss.get("bound", "") == "ibp"
-        # the eps_train ball around the augmented images, within the valid pixel range (certjax.bounds)
+        # the eps_train ball around the augmented images, within the valid pixel range
+        # (certjax.certify.interval)
         box = self.input_box(images, loss_schedule["eps_train"]) if train_on_bounds else None
 
         def loss_of(params):
@@ -281,24 +282,19 @@ class Experiment:
         # Normalisation (x / 255 - mean) / std rounds at each of its three ops: <= u (1 + 1) / min(std) from
         # the first two (values <= 1), u |x'| from the division, per pixel; it reaches the logits with factor
         # <= 1 (l_inf) or, as an l_2 norm over the D pixels, <= sqrt(D) times that (l_2).
-        flat = jnp.abs(images).reshape(images.shape[0], -1)
         if self.family.THREAT_MODEL == "l2":
-            input_error = FLOAT32_ROUNDING * (
-                2.0 / min(self.config.data.std) * math.sqrt(flat.shape[1])
-                + jnp.sqrt(jnp.sum(flat**2, axis=1))
-            )
+            input_error = normalisation_error_l2(images, self.config.data.std)
         else:
             input_error = self._linf_input_error(images)
         return logits, input_error_gain * input_error + sum(op_errors)
 
     def _linf_input_error(self, images):
         """Per example: a bound of the l_inf error of the float32 normalisation (see _eval_step)."""
-        flat = jnp.abs(images).reshape(images.shape[0], -1)
-        return FLOAT32_ROUNDING * (2.0 / min(self.config.data.std) + jnp.max(flat, axis=1))
+        return normalisation_error_linf(images, self.config.data.std)
 
     def input_box(self, images, eps_normalised, input_error=0.0):
         """The l_inf ball of radius eps_normalised around normalised images (widened by input_error), within
-        the normalised images of pixel values [0, 1] (certjax.bounds.input_box)."""
+        the normalised images of pixel values [0, 1] (certjax.certify.interval.input_box)."""
         low, high = (jnp.asarray(v) for v in self.valid_range)
         return interval_bounds.input_box(images, eps_normalised, low, high, input_error)
 

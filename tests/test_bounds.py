@@ -1,4 +1,5 @@
-"""certjax.bounds: interval bounds contain every reachable output (random points, PGD's extremes), are tight
+"""certjax.certify.interval: interval bounds contain every reachable output (random points, PGD's extremes),
+are tight
 for one layer, round outward against float64, train (gradients), and certify soundly (margin, IBP, both)."""
 
 import flax.linen as nn
@@ -7,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from certjax import bounds
+from certjax.certify import interval as bounds
 from certjax.kernels.linf_dist import lp_distance_reference
 from certjax.kernels.sort_neuron import sort_distance_reference
 from certjax.models.linf_dist import LinfDistNet

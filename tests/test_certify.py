@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from certjax.attack import pgd_linf, smallest_margin
-from certjax.certify import linf_certify, pixel_radius_scale, round_up_float32
+from certjax.attack import pgd_linf
+from certjax.certify.margins import linf_certify, pixel_radius_scale, smallest_margin
+from certjax.certify.rounding import round_up_float32
 
 STD = (0.2, 0.25, 0.3)
 
@@ -160,7 +161,7 @@ def test_rounding_bound_covers_the_exact_float64_logits(tiny_trained_model):
 
 
 def test_pair_lipschitz_matrix_rounds_up_and_ignores_the_diagonal():
-    from certjax.certify import pair_lipschitz_matrix
+    from certjax.certify.margins import pair_lipschitz_matrix
 
     rng = np.random.default_rng(0)
     bounds = rng.uniform(0.5, 2.0, (10, 10))  # float64: most values lie between two float32s

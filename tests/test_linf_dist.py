@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from certjax.certify import rounding_slack
+from certjax.certify.margins import rounding_slack
 from certjax.kernels.linf_dist import lp_distance, lp_distance_reference
 from certjax.models.linf_dist import LinfDistNet, identity_init
 

@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from certjax.attack import pgd_l2, smallest_margin
+from certjax.attack import pgd_l2
+from certjax.certify import norms
+from certjax.certify.margins import smallest_margin
 from certjax.losses import emma, gloro_trades
 from certjax.models import liresnet
 from certjax.optim import schedules
@@ -49,7 +51,7 @@ def test_merged_residual_conv_bound_is_above_and_within_1_percent_of_the_dense_n
         return block.apply(variables, v, train=False)[0] - variables["params"]["bias"]
 
     true_norm = _dense_norm(operator, shape)
-    bound = liresnet.conv_norm_bound(kernel, 1, 1, shape[1])
+    bound = norms.conv_norm_bound(kernel, 1, 1, shape[1])
     assert true_norm <= bound
     assert bound <= 1.01 * true_norm, (bound, true_norm)
     if scale == 1.0:
@@ -65,7 +67,7 @@ def test_strided_conv_bounds_hold_against_the_dense_norm(kernel_size, stride, pa
     kernel = jax.random.normal(jax.random.key(side + cin), (kernel_size, kernel_size, cin, cout))
     shape = (1, side, side, cin)
     true_norm = _dense_norm(lambda v: liresnet.conv(v, kernel, stride, padding, "highest"), shape)
-    bound = liresnet.conv_norm_bound(kernel, stride, padding, side)
+    bound = norms.conv_norm_bound(kernel, stride, padding, side)
     assert true_norm <= bound * (1 + 1e-6)  # float32 Jacobian entries are exact kernel values
     if stride == kernel_size:
         assert bound == pytest.approx(true_norm, rel=1e-6)

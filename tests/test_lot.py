@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from certjax.attack import pgd_l2, smallest_margin
-from certjax.certify import l2_certify
+from certjax.attack import pgd_l2
+from certjax.certify.margins import l2_certify, smallest_margin
 from certjax.kernels.orthogonal_conv import fft_conv, orthogonal_frequency_weights
 from certjax.models import lot
 

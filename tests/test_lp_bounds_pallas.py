@@ -1,5 +1,5 @@
 """The Pallas interval-bounds kernel (certjax.kernels.lp_bounds_pallas) in interpret mode on CPU, and its
-place in certjax.bounds and kernel="auto" (certjax.kernels.autoselect).
+place in certjax.certify.interval and kernel="auto" (certjax.kernels.autoselect).
 
 * the raw ends equal the jnp path's (bitwise at p = inf, to rounding at p = 8), with and without mask, at
   shapes that are no multiple of the tiles (several programs, padded inputs);
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from certjax import bounds
+from certjax.certify import interval as bounds
 from certjax.kernels import autoselect, linf_dist_pallas, lp_bounds_pallas
 
 # several programs per axis; unroll 4 pads I = 37 to 40 (unroll 1: no padding, the smallest programs)
@@ -97,7 +97,7 @@ def test_interpret_kernel_equals_the_jnp_bounds_and_contains_float64(blocks, mas
 
 
 def test_kernel_bounds_differentiate_as_the_jnp_path():
-    """The kernel computes values only; certjax.bounds gives it the jnp path's blocked backward."""
+    """The kernel computes values only; certjax.certify.interval gives it the jnp path's blocked backward."""
     lower, upper, w, _ = _boxes(False)
     g_lo, g_hi = jax.random.normal(jax.random.key(7), (2, SHAPE[0], SHAPE[2]))
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from certjax.certify import rounding_slack
+from certjax.certify.margins import rounding_slack
 from certjax.kernels.linf_dist import lp_distance, masked_lp_distance
 from certjax.kernels.sort_neuron import sort_distance, sort_weights
 from certjax.models.sortnet import SortNet, dropout_mask, float32_sort_weights

@@ -2,7 +2,8 @@
 
 Renamed from certjax/kernels/verify.py (kernel selection, not certificate checking); its two copies of every
 function became one check over an `Op` record: `DISTANCE` (the l_p-dist op of certjax.kernels.linf_dist) and
-`bounds_op(...)` (its interval bounds, certjax.bounds.lp_distance_bounds, which hands in its own rounding so
+`bounds_op(...)` (its interval bounds, certjax.certify.interval.lp_distance_bounds, which hands in its own
+rounding so
 that no kernel module imports the bounds module).
 
 Why: the Pallas (Triton) kernels are the fast path on a GPU, but a Triton or jaxlib version, a GPU generation
@@ -265,8 +266,9 @@ def bounds_op(rounded: Callable, allowance: Callable) -> Op:
 
     Args:
       rounded: (raw_bounds, lower, upper, w, p, mask) -> (lo, hi) rounded outward with the kernel allowance;
-        raw_bounds None is the jnp path (certjax.bounds.lp_distance_bounds_with).
-      allowance: (size, p) -> the jnp path's relative allowance (certjax.bounds.lp_rounding_allowance).
+        raw_bounds None is the jnp path (certjax.certify.interval.lp_distance_bounds_with).
+      allowance: (size, p) -> the jnp path's relative allowance
+      (certjax.certify.interval.lp_rounding_allowance).
 
     Returns:
       One `Op` per pair of functions (cached), for `select` and `check`.

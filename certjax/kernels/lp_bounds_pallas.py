@@ -2,7 +2,7 @@
 
 For an input box [l, u] (per example) and weight rows w, every output unit o of the l_p-dist layer
 y = ||(x - w[o]) * mask||_p (certjax.kernels.linf_dist) lies in [N(lo_terms), N(hi_terms)] with, per input
-coordinate i (the math of certjax.bounds `_term_bounds`, zbh2047/L_inf-dist-net model/norm_dist.py
+coordinate i (the math of certjax.certify.interval `_term_bounds`, zbh2047/L_inf-dist-net model/norm_dist.py
 `inf_dist_bound`):
 
     lo_i = max(l_i - w_i, w_i - u_i, 0),    hi_i = max(|l_i - w_i|, |u_i - w_i|)    (times mask_i)
@@ -19,11 +19,13 @@ pass over the inputs gives both, and no [B, O, I] tensor exists anywhere.
   with d_i = 0 adds exactly 0 (the jnp path floors the ratio at the smallest normal float for its gradient;
   this path has no gradient), so the zero-padded coordinates change nothing.
 
-Forward only: certjax.bounds wraps this kernel in a custom_vjp whose backward is the jnp path's blocked
+Forward only: certjax.certify.interval wraps this kernel in a custom_vjp whose backward is the jnp path's
+blocked
 backward, so any gradient through bounds (loss.bound=ibp) is the jnp path's, whatever kernel computed the
 values.
 
-Rounding (what certjax.bounds adds around the raw ends this kernel returns; `KERNEL_ALLOWANCE` there):
+Rounding (what certjax.certify.interval adds around the raw ends this kernel returns; `KERNEL_ALLOWANCE`
+there):
 * p = inf: the jnp argument unchanged (one rounding per term, exact max): one `nextafter` outward, plus the
   smallest normal float for anything flushed to zero.
 * finite p, p >= 1, n inputs, u = 2^-24, on Triton's ops (libdevice __nv_logf 1 ulp, __nv_exp2f 2 ulp, fp32
@@ -35,9 +37,11 @@ Rounding (what certjax.bounds adds around the raw ends this kernel returns; `KER
   The sum in any order adds (n - 1) u relative; with S >= 1 the computed sum is S (1 + s) with
   s <= 4.1 p u + 4.4 n u + 4u. The root: log2 (8u relative, on a value <= log2 n + 0.1), division by p
   (4u), exp2 (4u), times m (u): y is off by <= (1.01 s + 8.5 u log2 n) / p + 5u relative, and the term
-  rounding of d_i adds u. With 8.5 log2 n <= 1.5 n + 16: <= ((6 n + 22) / p + 11) u. certjax.bounds widens
+  rounding of d_i adds u. With 8.5 log2 n <= 1.5 n + 16: <= ((6 n + 22) / p + 11) u. certjax.certify.interval
+  widens
   by ((8 n + 32) / p + 32) u (first-order terms above, the rest well inside the difference).
-The jnp path's own allowance (certjax.bounds module docstring) assumes XLA's ops; the kernel's is wider.
+The jnp path's own allowance (certjax.certify.interval module docstring) assumes XLA's ops; the kernel's is
+wider.
 `certjax.kernels.autoselect` checks every configuration against the jnp path before "auto" uses it, including
 that the kernel's rounded interval contains the jnp path's up to their allowances.
 """
@@ -146,9 +150,10 @@ def _bounds_call(lower, upper, w, p, mask, *, lp: bool, blocks: BlockSizes, inte
 
 @functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
 def lp_bounds_pallas(lower, upper, w, mask, p, *, blocks=DEFAULT_BLOCKS, interpret: bool = False):
-    """Raw (lo, hi) [B, O] of ||(x - w[o]) * mask||_p over x in [lower, upper], before certjax.bounds rounds
+    """Raw (lo, hi) [B, O] of ||(x - w[o]) * mask||_p over x in [lower, upper], before
+    certjax.certify.interval rounds
     them outward (module docstring). p: traced scalar >= 1, jnp.inf for l_inf (`lax.cond` picks the kernel at
-    run time). No gradient of its own: use it through certjax.bounds.lp_distance_bounds."""
+    run time). No gradient of its own: use it through certjax.certify.interval.lp_distance_bounds."""
     check_shapes(lower, w, mask)
     if upper.shape != lower.shape:
         raise ValueError(f"lower and upper must have one shape, got {lower.shape} and {upper.shape}")

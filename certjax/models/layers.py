@@ -12,9 +12,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from certjax.certify.interval import shift_bounds
+from certjax.certify.norms import l2_norm_per_example
+from certjax.certify.rounding import FLOAT32_SPACING_AT_ONE
+
 # 2 x float32 unit roundoff: one rounding of a result r is at most 2^-24 |r_exact|, and |r_exact| <=
 # |r_computed| (1 + 2^-24); 2^-23 |r_computed| covers both with room to spare.
-FLOAT32_ROUNDING = 2.0**-23
 
 
 def sow_rounding_error(module: nn.Module, result):
@@ -26,7 +29,7 @@ def sow_rounding_error(module: nn.Module, result):
     training the collection is not mutable and this is a no-op.
     """
     if module.is_mutable_collection("rounding") and not module.is_initializing():
-        bound = FLOAT32_ROUNDING * jnp.max(jnp.abs(result).reshape(result.shape[0], -1), axis=1)
+        bound = FLOAT32_SPACING_AT_ONE * jnp.max(jnp.abs(result).reshape(result.shape[0], -1), axis=1)
         module.sow("rounding", "abs_error", bound, init_fn=lambda: 0.0, reduce_fn=lambda a, b: a + b)
 
 
@@ -68,7 +71,6 @@ def _with_interval(y, interval, shift):
     """y alone, or (y, the interval shifted by `shift` and rounded outward) when an interval is given."""
     if interval is None:
         return y
-    from certjax.bounds import shift_bounds  # bounds imports nothing from the models
 
     return y, shift_bounds(*interval, shift)
 
@@ -100,10 +102,6 @@ def sow_l2_rounding_error(module: nn.Module, bound):
         module.sow("rounding", "l2_error", bound, init_fn=lambda: 0.0, reduce_fn=lambda a, b: a + b)
 
 
-def l2_norm_per_example(x):
-    return jnp.sqrt(jnp.sum(jnp.square(x.reshape(x.shape[0], -1)), axis=1))
-
-
 class NormalizedLinear(nn.Module):
     """Last linear layer with rows divided by their l_2 norm ("lln", LOT lip_convnets.py NormalizedLinear):
     the margin z_y - z_j is ||w_y/|w_y| - w_j/|w_j| ||-Lipschitz in l_2."""
@@ -127,7 +125,7 @@ class NormalizedLinear(nn.Module):
         y = x @ rows.T + bias
         sow_l2_rounding_error(
             self,
-            FLOAT32_ROUNDING
+            FLOAT32_SPACING_AT_ONE
             * (jnp.sqrt(float(fan_in)) * 8.0 * l2_norm_per_example(x) + l2_norm_per_example(y)),
         )
         return y

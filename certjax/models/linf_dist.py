@@ -14,12 +14,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from certjax import bounds
+from certjax.certify import interval as bounds
 from certjax.kernels.linf_dist import lp_distance
 from certjax.models.layers import MeanShift, sow_rounding_error
 
 THREAT_MODEL = "linf"
-INTERVAL_BOUNDS = True  # apply(..., box=(lower, upper)) also returns logit bounds (certjax.bounds)
+INTERVAL_BOUNDS = True  # apply(..., box=(lower, upper)) also returns logit bounds (certjax.certify.interval)
 
 
 def identity_init(scale: float = -10.0):
@@ -57,7 +57,7 @@ class DistLayer(nn.Module):
     @nn.compact
     def __call__(self, x, p, *, train: bool, stat_mask=None, interval=None):
         """y [B, O]; with interval = (lower, upper) bounds of x, returns (y, (lower, upper) bounds of y)
-        (certjax.bounds: the same mean shift and bias on both ends, rounded outward)."""
+        (certjax.certify.interval: the same mean shift and bias on both ends, rounded outward)."""
         in_features = x.shape[-1]
         use_identity = self.identity and (in_features <= self.features or self.identity_narrowing)
         init = identity_init() if use_identity else nn.initializers.normal(1.0)
@@ -94,7 +94,7 @@ class LinfDistNet(nn.Module):
     @nn.compact
     def __call__(self, x, p=jnp.inf, *, train: bool = False, box=None):
         """box: optional (lower, upper) of the inputs' shape; then also returns interval bounds of the raw
-        logits, (z, s, (z_lower, z_upper)), from interval bound propagation (certjax.bounds)."""
+        logits, (z, s, (z_lower, z_upper)), from interval bound propagation (certjax.certify.interval)."""
         h = x.reshape(x.shape[0], -1)
         interval = None if box is None else tuple(b.reshape(b.shape[0], -1) for b in box)
         for _ in range(self.depth - 1):

@@ -63,7 +63,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from certjax.certify import pair_lipschitz_matrix, pairwise_row_distances, round_up_float32_array
+from certjax.certify.margins import pair_lipschitz_matrix
+from certjax.certify.norms import conv_norm_bound, l2_norm_per_example, pairwise_row_distances
+from certjax.certify.rounding import (
+    FLOAT32_UNIT_ROUNDOFF,
+    gamma,
+    round_up_float32_array,
+    round_up_to_float32_traced,
+)
 from certjax.kernels.conv import conv2d
 from certjax.models.layers import (
     NormalizedLinear,
@@ -81,7 +88,6 @@ ESTIMATES = "lipschitz_estimate"  # sown per-layer power-iteration estimates, wh
 POWER_ITERATIONS = 10  # per training step (the snapshot's num_lc_iter)
 EVAL_POWER_ITERATIONS = 500  # the snapshot's evaluation: "let the power method converge"
 BOUND_SAFETY = 1.0 + 1e-6  # on each float64 FFT + SVD bound (their relative errors are ~1e-15)
-FLOAT32_UNIT_ROUNDOFF = 2.0**-24
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -136,16 +142,6 @@ def _torch_uniform(fan_in: int):
     return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
-def _gamma(products: int, dtype) -> float:
-    """Worst-case relative error of a dot product of `products` terms in `dtype` (Higham, Thm. 3.1)."""
-    mu = products * float(jnp.finfo(dtype).eps) / 2.0
-    return mu / (1.0 - mu)
-
-
-def _l2_per_example(x):
-    return jnp.sqrt(jnp.sum(jnp.square(x.reshape(x.shape[0], -1)), axis=1))
-
-
 # ----------------------------------------------------------------------------------------------- layers
 
 
@@ -194,8 +190,8 @@ def _lipschitz_layer(
         products = math.prod(kernel.shape[:-1])  # terms of every output's dot product
         frobenius = jnp.sqrt(jnp.sum(jnp.square(kernel)))
         unit = float(jnp.finfo(x.dtype).eps) / 2.0
-        local = _gamma(products, x.dtype) * frobenius * reuse * _l2_per_example(x)
-        local = local + unit * _l2_per_example(y)
+        local = gamma(products, x.dtype) * frobenius * reuse * l2_norm_per_example(x)
+        local = local + unit * l2_norm_per_example(y)
         # x 1.01: the allowance itself is computed with rounding (relative error ~1e-15 in float64)
         rounding = (1.01 * local, module.get_variable(FROZEN, "sigma_bound").astype(x.dtype))
     return y, sigma, rounding
@@ -330,16 +326,9 @@ def certified_features(module: nn.Module, h, error):
     """The certifying forward's float64 body output h -> float32 features for the float32 LLN head; sows the
     rounding allowance: the body's accumulated error bound `error` + rounding the features to float32 + the
     head's float32 matmul (worst case, unit rows), on top of what NormalizedLinear sows itself."""
-    error = error + (FLOAT32_UNIT_ROUNDOFF + 1.01 * _gamma(h.shape[-1], jnp.float32)) * _l2_per_example(h)
-    sow_l2_rounding_error(module, _round_up_to_float32(error))
+    error = error + (FLOAT32_UNIT_ROUNDOFF + 1.01 * gamma(h.shape[-1], jnp.float32)) * l2_norm_per_example(h)
+    sow_l2_rounding_error(module, round_up_to_float32_traced(error))
     return h.astype(jnp.float32)
-
-
-def _round_up_to_float32(a):
-    """float64 -> the next float32 at or above it (computed inside the float64 region)."""
-    rounded = a.astype(jnp.float32)
-    low = rounded.astype(jnp.float64) < a
-    return jnp.where(low, jnp.nextafter(rounded, jnp.float32(jnp.inf)), rounded)
 
 
 def build(model_config, num_classes: int) -> nn.Module:
@@ -362,45 +351,6 @@ def layer_geometry(model: LiResNet) -> dict[str, tuple[int, int, int] | None]:
     geometry.update({f"block{i + 1}": (3, 1, 1) for i in range(model.depth)})
     geometry.update({"neck_conv": (4, 4, 0), "neck_linear": None})
     return geometry
-
-
-def space_to_depth_kernel(kernel, stride: int, padding: int):
-    """A stride-s conv (HWIO kernel, zero padding p) as a stride-1 conv on the space-to-depth input
-    (einops "b (h s1) (w s2) c -> b h w (c s1 s2)"). Returns (kernel [k', k', cin s^2, cout], q_min, q_max):
-    output i reads the space-to-depth input at i + q, q = q_min .. q_max."""
-    kernel = np.asarray(kernel, np.float64)
-    k, _, cin, cout = kernel.shape
-    taps = [divmod(a - padding, stride) for a in range(k)]  # (q, r) per kernel tap
-    q_min, q_max = min(q for q, _ in taps), max(q for q, _ in taps)
-    size = q_max - q_min + 1
-    out = np.zeros((size, size, cin * stride * stride, cout))
-    channels = np.arange(cin) * stride * stride
-    for a1, (q1, r1) in enumerate(taps):
-        for a2, (q2, r2) in enumerate(taps):
-            out[q1 - q_min, q2 - q_min, channels + r1 * stride + r2] = kernel[a1, a2]
-    return out, q_min, q_max
-
-
-def conv_norm_bound(kernel, stride: int, padding: int, input_side: int) -> float:
-    """Upper bound of the l_2 operator norm of `conv(x, kernel, stride, padding)` on a square input of side
-    input_side (see the module docstring): space-to-depth, then the circular conv on the smallest torus
-    without wrap-around, exact SVD of every frequency block in float64."""
-    k = np.shape(kernel)[0]
-    if input_side % stride:
-        raise ValueError(f"input side {input_side} is not divisible by the stride {stride}")
-    n_in = input_side // stride
-    n_out = (input_side + 2 * padding - k) // stride + 1
-    folded, q_min, q_max = space_to_depth_kernel(kernel, stride, padding)
-    if q_min == q_max:  # one disjoint patch per output: block diagonal, exact
-        return float(np.linalg.svd(folded[0, 0], compute_uv=False)[0])
-    grid = max(n_in - q_min, n_out + q_max)
-    taps = np.zeros((grid, grid) + folded.shape[2:])
-    size = folded.shape[0]
-    for t1 in range(size):
-        for t2 in range(size):
-            taps[(t1 + q_min) % grid, (t2 + q_min) % grid] += folded[t1, t2]
-    spectrum = np.fft.rfft2(taps, axes=(0, 1))  # [grid, grid // 2 + 1, cin', cout]
-    return float(np.max(np.linalg.svd(spectrum, compute_uv=False)))
 
 
 def certificate_bounds(model: LiResNet, variables, input_shape=(1, 32, 32, 3)) -> dict:

@@ -27,7 +27,8 @@ of ones, certjax from a random one); the Cholesky layers count as 1 (Map2Vec / L
 in training). The margin bound of the EMMA losses is K ||w_i - w_j|| with the normalised head rows.
 
 Evaluation (`certificate_bounds`) uses guaranteed bounds only, in float64 numpy, of every layer AS APPLIED:
-the FFT/SVD bound of every conv (`liresnet.conv_norm_bound`: stem and blocks; the 4x4/4 neck conv reads
+the FFT/SVD bound of every conv (`certjax.certify.norms.conv_norm_bound`: stem and blocks; the 4x4/4 neck
+conv reads
 disjoint patches and its bound is the exact SVD of its patch matrix), and the exact SVD of every Cholesky-
 orthogonalised dense weight: in float32 they are not exactly 1 (never assumed). The orthogonalised and merged
 weights are computed once and frozen in the "liresnet_frozen" collection, so evaluation applies exactly the
@@ -47,7 +48,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from certjax.certify import pair_lipschitz_matrix, pairwise_row_distances, round_up_float32_array
+from certjax.certify.margins import pair_lipschitz_matrix
+from certjax.certify.norms import conv_norm_bound, pairwise_row_distances
+from certjax.certify.rounding import round_up_float32_array
 from certjax.models.cholesky import cholesky_orthogonalize
 from certjax.models.layers import NormalizedLinear, computed_collection, max_min, normalized_rows
 from certjax.models.liresnet import (
@@ -62,7 +65,6 @@ from certjax.models.liresnet import (
     _power_estimates,
     certified_features,
     conv,
-    conv_norm_bound,
     dense,
     dirac_kernel,
     pairwise_distances,

@@ -40,13 +40,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from certjax.certify import pair_lipschitz_matrix, pairwise_row_distances, round_up_float32_array
+from certjax.certify.margins import pair_lipschitz_matrix
+from certjax.certify.norms import (
+    SVD_SAFETY,
+    l2_norm_per_example,
+    largest_singular_value,
+    pairwise_row_distances,
+)
+from certjax.certify.rounding import FLOAT32_SPACING_AT_ONE, round_up_float32_array
 from certjax.kernels.orthogonal_conv import fft_conv, orthogonal_frequency_weights
 from certjax.models.layers import (
-    FLOAT32_ROUNDING,
     NormalizedLinear,
     computed_collection,
-    l2_norm_per_example,
     max_min,
     normalized_rows,
     sow_l2_rounding_error,
@@ -58,8 +63,6 @@ NEWTON_SCHULZ_ITERATIONS = 10
 GRAM_REGULARISER = 1e-4  # lot_ortho_conv.py: S + 1e-4 I and ||S||_F + 1e-4
 FROZEN = "lot_frozen"  # collection of the cached orthogonalised frequency weights
 SIZES = {"S": 2, "M": 4, "L": 8}  # LipConvNet-(5b): 10, 20, 40 layers
-# Safety factor on the float64 SVD of a float32 matrix (backward error ~1e-15 of the norm).
-SVD_SAFETY = 1.0 + 1e-9
 
 _HIGHEST = (
     jax.lax.Precision.HIGHEST
@@ -166,7 +169,7 @@ class LOTConv(nn.Module):
         log_n = math.log2(max(n * n, 2))
         sow_l2_rounding_error(
             self,
-            FLOAT32_ROUNDING
+            FLOAT32_SPACING_AT_ONE
             * (8.0 * (2.0 * log_n + math.sqrt(cin)) * l2_norm_per_example(x) + l2_norm_per_example(y)),
         )
         return y
@@ -235,12 +238,6 @@ def build(model_config, num_classes: int) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------------- certification
-
-
-def largest_singular_value(w) -> float:
-    """Exact (float64 SVD) largest singular value over all [cout, cin] blocks of w, rounded up."""
-    blocks = np.asarray(w).astype(np.complex128).reshape((-1,) + np.shape(w)[-2:])
-    return float(np.max(np.linalg.svd(blocks, compute_uv=False))) * SVD_SAFETY
 
 
 def certificate_bounds(model: LipConvNet, variables, input_shape=(1, 32, 32, 3)) -> dict:

@@ -37,19 +37,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-UNIT_ROUNDOFF = 2.0**-53  # float64
-FLOAT32_UNIT_ROUNDOFF = 2.0**-24
+from certjax.certify.norms import l2_norm_per_example
+from certjax.certify.rounding import (
+    FLOAT32_SPACING_AT_ONE,
+    FLOAT32_UNIT_ROUNDOFF,
+    FLOAT64_UNIT_ROUNDOFF,
+    gamma,
+    round_up_to_float32_traced,
+)
+
 # |computed - exact| of a twiddle factor scale * cos(2 pi q / n): the argument takes <= 3 roundings (relative
 # 3u of a value < 2 pi: < 2.1e-15), libm's cos / sin < 1 ulp, the scale one more rounding: < 2.6e-15.
 TWIDDLE_ERROR = 1e-14
 NORM_SAFETY = 1.01  # the computed l_2 norms used in the bound are themselves rounded (relative ~1e-15)
 _HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def gamma(terms: int) -> float:
-    """Worst-case relative error of a float64 dot product of `terms` products (Higham, Thm. 3.1)."""
-    mu = terms * UNIT_ROUNDOFF
-    return mu / (1.0 - mu)
 
 
 def _twiddles(n: int, sign: float):
@@ -89,7 +90,7 @@ def dft_stages(n: int):
 
 
 def _l2(x):
-    return jnp.sqrt(jnp.sum(jnp.square(x.reshape(x.shape[0], -1)), axis=1)) * NORM_SAFETY
+    return l2_norm_per_example(x) * NORM_SAFETY
 
 
 def lot_layer(x, weights, bias, kernel_size: int, sigma):
@@ -135,8 +136,10 @@ def lot_layer(x, weights, bias, kernel_size: int, sigma):
         after = 1.0
         for later in stages[i + 1 :]:
             after = after * later[3]
-        error = error + after * (gamma(terms) * NORM_SAFETY * fro + twiddle_error) * norms[i]
-    error = error + NORM_SAFETY * UNIT_ROUNDOFF * _l2(y)  # the bias addition (crop and padding are exact)
+        error = error + after * (gamma(terms, np.float64) * NORM_SAFETY * fro + twiddle_error) * norms[i]
+    error = error + NORM_SAFETY * FLOAT64_UNIT_ROUNDOFF * _l2(
+        y
+    )  # the bias addition (crop and padding are exact)
     return y, error
 
 
@@ -194,16 +197,9 @@ def certified_logits64(variables, x, frozen_name: str, normalized_rows):
             params["last"]["bias"], jnp.float64
         )
         row_norm = jnp.max(jnp.sqrt(jnp.sum(jnp.square(rows), axis=1))) * NORM_SAFETY
-        error = row_norm * (error + gamma(features.shape[1]) * _l2(features))
-        error = error + NORM_SAFETY * UNIT_ROUNDOFF * jnp.max(jnp.abs(logits), axis=1)
+        error = row_norm * (error + gamma(features.shape[1], np.float64) * _l2(features))
+        error = error + NORM_SAFETY * FLOAT64_UNIT_ROUNDOFF * jnp.max(jnp.abs(logits), axis=1)
     return logits, error
-
-
-def round_up_to_float32(a):
-    """float64 -> the next float32 at or above it."""
-    rounded = a.astype(jnp.float32)
-    low = rounded.astype(jnp.float64) < a
-    return jnp.where(low, jnp.nextafter(rounded, jnp.float32(jnp.inf)), rounded)
 
 
 def certified_logits(variables, x, frozen_name: str, normalized_rows):
@@ -212,5 +208,7 @@ def certified_logits(variables, x, frozen_name: str, normalized_rows):
         logits64, error = certified_logits64(variables, x, frozen_name, normalized_rows)
         logits = logits64.astype(jnp.float32)
         # rounding to float32: <= 2^-24 |z| per logit (|z| <= |computed z| (1 + 2^-24))
-        error = error + FLOAT32_UNIT_ROUNDOFF * (1.0 + 2.0**-23) * jnp.max(jnp.abs(logits64), axis=1)
-        return logits, round_up_to_float32(error * (1.0 + 1e-12))
+        error = error + FLOAT32_UNIT_ROUNDOFF * (1.0 + FLOAT32_SPACING_AT_ONE) * jnp.max(
+            jnp.abs(logits64), axis=1
+        )
+        return logits, round_up_to_float32_traced(error * (1.0 + 1e-12))

@@ -32,14 +32,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from certjax import bounds
+from certjax.certify import interval as bounds
 from certjax.kernels.linf_dist import lp_distance, masked_lp_distance
 from certjax.kernels.sort_neuron import sort_distance, sort_weights
 from certjax.models.layers import MeanShift, sow_rounding_error
 from certjax.models.linf_dist import DistLayer
 
 THREAT_MODEL = "linf"
-INTERVAL_BOUNDS = True  # apply(..., box=(lower, upper)) also returns logit bounds (certjax.bounds)
+INTERVAL_BOUNDS = True  # apply(..., box=(lower, upper)) also returns logit bounds (certjax.certify.interval)
 DROPOUT_GROUP = 32  # samples sharing one dropout subset (zbh2047/SortNet SUB_BATCH)
 MODES = ("dropout", "exact")
 
@@ -71,7 +71,8 @@ class SortLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x, p, *, train: bool, in_mask=None, stat_mask=None, interval=None):
-        """y [B, O]; with interval = (lower, upper) bounds of x, (y, bounds of y) (certjax.bounds): the
+        """y [B, O]; with interval = (lower, upper) bounds of x, (y, bounds of y) (certjax.certify.interval):
+        the
         l_p / masked distance's bounds where y is that distance, else the sort neuron's."""
         w = self.param("kernel", nn.initializers.normal(1.0), (self.features, x.shape[-1]))
         if in_mask is not None:
@@ -122,7 +123,8 @@ class SortNet(nn.Module):
         dropout: None = the configured mode in training, never at evaluation; False forces the deterministic
         path (used to recompute running means).
         box: optional (lower, upper) of the inputs' shape; then returns (z, s, (z_lower, z_upper)), interval
-        bounds of the raw logits over the box (certjax.bounds), of the same path (dropout subsets included).
+        bounds of the raw logits over the box (certjax.certify.interval), of the same path (dropout subsets
+        included).
         """
         if self.mode not in MODES:
             raise ValueError(f"model.mode {self.mode!r}; valid: {MODES}")

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from certjax.certify.rounding import round_up_float32, round_up_float32_array
+
 # Margin slack for float32 rounding of the logits: RELATIVE * (|z_y| + |z_j|) + ABSOLUTE. A float32 distance
 # layer adds a few ulps (2^-24 relative) of its operand magnitudes per layer; for the depths used here
 # (<= ~40 layers) and magnitudes < 1e3, 1e-5 relative + 1e-5 absolute bounds this with a wide safety factor.
@@ -35,32 +37,34 @@ RELATIVE_ROUNDING = 1e-5
 ABSOLUTE_ROUNDING = 1e-5
 
 
+def true_class_logit(logits, labels):
+    """z_y per example, [B, 1] (picked by index)."""
+    return jnp.take_along_axis(logits, labels[:, None], axis=1)
+
+
+def mask_true_class(values, labels, fill):
+    """values [B, C] with the true class's entry replaced by `fill`: masked by index, never by value, so that
+    a tie between the true logit and another (or a diagonal that is not exactly 0) cannot move it. The one
+    mask that margins, bounds, losses, attacks and the audit use."""
+    is_true = jax.nn.one_hot(labels, values.shape[-1], dtype=bool)
+    return jnp.where(is_true, fill, values)
+
+
+def margins(logits, labels):
+    """m[b, j] = z_y - z_j, with +inf at j = y."""
+    return mask_true_class(true_class_logit(logits, labels) - logits, labels, jnp.inf)
+
+
+def smallest_margin(logits, labels):
+    """z_y - max_{j != y} z_j, [B] (negative: misclassified)."""
+    best_other = jnp.max(mask_true_class(logits, labels, -jnp.inf), axis=-1)
+    return true_class_logit(logits, labels)[:, 0] - best_other
+
+
 def pixel_radius_scale(std) -> float:
     """Normalised-space radius -> pixel-space radius: multiply by min(std) (rounded down)."""
     scale = float(np.min(np.asarray(std, np.float64)))
     return float(np.nextafter(np.float32(scale), np.float32(0)))
-
-
-def round_up_float32(value: float) -> np.float32:
-    """The smallest float32 >= value (a budget eps must never shrink when it becomes float32)."""
-    rounded = np.float32(value)
-    if float(rounded) < value:
-        rounded = np.nextafter(rounded, np.float32(np.inf))
-    return rounded
-
-
-def round_up_float32_array(values) -> np.ndarray:
-    """Elementwise: the smallest float32 >= each value (bounds must never shrink when they become float32)."""
-    values = np.asarray(values, np.float64)
-    rounded = values.astype(np.float32)
-    low = rounded.astype(np.float64) < values
-    return np.where(low, np.nextafter(rounded, np.float32(np.inf)), rounded).astype(np.float32)
-
-
-def pairwise_row_distances(rows) -> np.ndarray:
-    """||r_y - r_j||_2 for every pair of rows of a last layer, in float64 (the per-pair head bound)."""
-    rows = np.asarray(rows, np.float64)
-    return np.sqrt(np.maximum(np.sum((rows[:, None, :] - rows[None, :, :]) ** 2, axis=-1), 0.0))
 
 
 def pair_lipschitz_matrix(pair_bounds) -> np.ndarray:
@@ -90,12 +94,9 @@ def certify_from_margins(logits, labels, margin_lipschitz, eps, logit_error, *, 
     has radius 0 (its smallest margin is <= 0). certified = prediction correct and radius > eps.
     """
     logits = logits.astype(jnp.float32)
-    num_classes = logits.shape[-1]
-    is_true = jax.nn.one_hot(labels, num_classes, dtype=bool)
-    true_logit = jnp.take_along_axis(logits, labels[:, None], axis=1)
+    true_logit = true_class_logit(logits, labels)
     slack = rounding_slack(true_logit, logits) + 2.0 * logit_error[:, None]
-    per_class = (true_logit - logits - slack) / margin_lipschitz
-    per_class = jnp.where(is_true, jnp.inf, per_class)
+    per_class = mask_true_class((true_logit - logits - slack) / margin_lipschitz, labels, jnp.inf)
     radius_normalised = jnp.maximum(jnp.min(per_class, axis=-1), 0.0)
     # Round the pixel radius down so that it never exceeds the normalised one times min(std).
     radius = jnp.nextafter(radius_normalised * pixel_scale, jnp.float32(0))
@@ -153,7 +154,8 @@ CERTIFY_METHODS = ("margin", "ibp", "both")
 
 def certify_method(config, family) -> str:
     """config.certify.method checked against the family: "margin" (the Lipschitz margin), "ibp" (interval
-    bounds over the input box, certjax.bounds) or "both" (certified if either proves it). Families with
+    bounds over the input box, certjax.certify.interval) or "both" (certified if either proves it). Families
+    with
     interval bounds declare INTERVAL_BOUNDS (the l_inf ones); a config saved before the switch has no method:
     "both" where the family has bounds, else "margin". Bad values raise ValueError naming the fix."""
     supports = bool(getattr(family, "INTERVAL_BOUNDS", False))

@@ -48,10 +48,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from certjax.certify import rounding_slack
+from certjax.certify.margins import mask_true_class, rounding_slack, true_class_logit
+from certjax.certify.rounding import FLOAT32_UNIT_ROUNDOFF
 from certjax.kernels.linf_dist import KERNELS
 
-UNIT_ROUNDOFF = 2.0**-24
 _TINY = float(np.finfo(np.float32).tiny)
 # Elements of one [B, block, I] piece. The bound's backward keeps a few such buffers alive (differences,
 # their abs, masks of the max): 2^24 float32 = 64 MB each keeps that well under a GB.
@@ -75,7 +75,7 @@ def lp_rounding_allowance(size: int, p, *, kernel: bool = False):
     normal float are added by the rounding itself); p traced."""
     per_input, constant, fixed = KERNEL_ALLOWANCE if kernel else JNP_ALLOWANCE
     safe_p = jnp.where(jnp.isinf(p), 1.0, p)
-    finite = ((per_input * size + constant) / safe_p + fixed) * UNIT_ROUNDOFF
+    finite = ((per_input * size + constant) / safe_p + fixed) * FLOAT32_UNIT_ROUNDOFF
     return jnp.where(jnp.isinf(p), 0.0, finite)
 
 
@@ -260,7 +260,7 @@ def sort_distance_bounds(lower, upper, w, weights):
         return _sort_of_terms(lo_terms, weights), _sort_of_terms(hi_terms, weights)
 
     lo, hi = _blocked(block_fn, lower, upper, w, weights)
-    lo, hi = _outward(lo, hi, (2.0 * weights.shape[0] + 4.0) * UNIT_ROUNDOFF)
+    lo, hi = _outward(lo, hi, (2.0 * weights.shape[0] + 4.0) * FLOAT32_UNIT_ROUNDOFF)
     return jnp.maximum(lo, 0.0), hi
 
 
@@ -295,11 +295,8 @@ def valid_pixel_range(mean, std):
 def margin_upper_bounds(logit_lower, logit_upper, labels):
     """u[b, j] >= z_j - z_y over the box: upper(z_j) - lower(z_y), with u[b, y] = 0 (the original's
     BoundFinalIdentity), rounded up."""
-    true_lower = jnp.take_along_axis(logit_lower, labels[:, None], axis=1)
-    gap = logit_upper - true_lower
-    gap = _rounded(gap, _round_up)
-    is_true = jax.nn.one_hot(labels, logit_upper.shape[-1], dtype=bool)
-    return jnp.where(is_true, 0.0, gap)
+    gap = logit_upper - true_class_logit(logit_lower, labels)
+    return mask_true_class(_rounded(gap, _round_up), labels, 0.0)
 
 
 @jax.jit
@@ -307,12 +304,11 @@ def ibp_certified(logits, logit_lower, logit_upper, labels):
     """Certified by interval bounds: the clean prediction is correct and lower(z_y) - upper(z_j) exceeds the
     margin certifier's rounding slack for every j != y (strict, so ties are never certified).
 
-    The bounds contain the exact-arithmetic network over the box; the slack (certjax.certify.rounding_slack,
+    The bounds contain the exact-arithmetic network over the box; the slack
+    (certjax.certify.margins.rounding_slack,
     the allowance the margin certificate makes for float32 logits) keeps the float32 network that an
     attacker evaluates inside them as well."""
     correct = jnp.argmax(logits, axis=-1) == labels
-    true_lower = jnp.take_along_axis(logit_lower, labels[:, None], axis=1)
-    is_true = jax.nn.one_hot(labels, logits.shape[-1], dtype=bool)
-    gap = true_lower - logit_upper - rounding_slack(true_lower, logit_upper)
-    gap = jnp.where(is_true, jnp.inf, gap)
+    true_lower = true_class_logit(logit_lower, labels)
+    gap = mask_true_class(true_lower - logit_upper - rounding_slack(true_lower, logit_upper), labels, jnp.inf)
     return correct & (jnp.min(gap, axis=-1) > 0.0)
