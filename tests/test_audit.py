@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from certjax import audit, certify
+from certjax import audit
+from certjax.certify import margins as certify
 from tests.conftest import REPO
 
 
