@@ -34,12 +34,30 @@ def _share_compilations() -> None:
 _share_compilations()
 
 
+def _pin_cpu_isa() -> None:
+    """XLA:CPU compiles for the host's instruction set, and the vector width changes the order of float
+    reductions: the golden outputs (tests/golden, recorded on an AVX2 machine) differ in their last bits on an
+    AVX-512 machine even at the code that recorded them. Capping the ISA at AVX2 for the whole session (and
+    every subprocess, which inherits the environment) makes the suite's numbers the same on every x86 machine
+    we run on; without the cap, 3bc3da5's own test_golden fails on an AVX-512 host."""
+    import platform
+
+    flag = "--xla_cpu_max_isa=AVX2"
+    flags = os.environ.get("XLA_FLAGS", "")
+    if platform.machine().lower() in ("x86_64", "amd64") and "xla_cpu_max_isa" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {flag}".strip()
+
+
+_pin_cpu_isa()
+
+
 def launch_env(devices: int = 1) -> dict:
     """Environment for a launch.py subprocess: CPU, `devices` host devices, the repo importable."""
     import os as _os
 
     env = dict(_os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    isa = " --xla_cpu_max_isa=AVX2" if "--xla_cpu_max_isa=AVX2" in _os.environ.get("XLA_FLAGS", "") else ""
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}{isa}"
     return env
 
 
