@@ -4,7 +4,7 @@
 
 Writes to --out (a new directory, built beside it and renamed when complete, so never half-written):
 - `forward_uint8.jax`, `forward_float32.jax`: serialized `jax.export` artifacts of the certifying forward
-  (`Experiment._eval_step`, the one `--mode=evaluate` and `certjax.api` run) for uint8 [B, 32, 32, 3]
+  (`Experiment._eval_step`, the one `--mode=evaluate` and `certjax.restore` run) for uint8 [B, 32, 32, 3]
   images in [0, 255] and float32 ones in [0, 1], B = the checkpoint's `train.eval_batch_size`. Inputs: the
   weights (as a flat list) and the images; outputs: logits [B, C] float32 and the per-example bound of
   their rounding error [B]. Lowered for CPU and CUDA (`platforms=("cpu", "cuda")`).
@@ -14,7 +14,7 @@ Writes to --out (a new directory, built beside it and renamed when complete, so 
   pairwise Lipschitz bounds of the margins (l_2; the l_inf families use the constant 2), the Lipschitz
   report, the certjax and jax versions and the SHA-256 of every other file; its own content is hashed too.
 
-`certjax.load_exported(D)` (certjax/exported.py) certifies with it using jax and numpy only.
+`certjax.load_exported(D)` (certjax/inference/exported.py) certifies with it using jax and numpy only.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from certjax.exported import manifest_bytes, sha256_file
+from certjax.inference.exported import manifest_bytes, sha256_file
 
 PLATFORMS = ("cpu", "cuda")
 FORMAT_VERSION = 1
@@ -43,7 +43,8 @@ def sealed_manifest_bytes(manifest: dict) -> bytes:
 
 
 def export_model(model, out_dir: str, platforms=PLATFORMS) -> dict:
-    """Write the export of a `certjax.api.CertifiedModel` to out_dir (which must not exist); the manifest."""
+    """Write the export of a restored model (`certjax.inference.restore.CertifiedModel`) to out_dir (new);
+    returns the manifest."""
     import certjax
 
     out_dir = os.path.abspath(out_dir)
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # orbax's INFO lines
-    from certjax.api import restore
+    from certjax.inference.restore import restore
 
     try:
         model = restore(args.workdir, args.checkpoint)

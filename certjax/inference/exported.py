@@ -1,14 +1,15 @@
-"""Certify with an exported model (certjax/export.py) using jax and numpy only: no flax, no model code.
+"""Certify with an exported model (certjax/inference/export.py) using jax and numpy only: no flax, no model
+code.
 
     model = certjax.load_exported("model_dir")
-    out = model.certify(images, eps=None, labels=None)   # as certjax.api: prediction, radius, certified
+    out = model.certify(images, eps=None, labels=None)   # as certjax.restore's: prediction, radius, certified
     logits = model.logits(images)
 
 Loading checks the manifest's own hash and the SHA-256 of every file before anything is deserialised, and
 refuses a changed file with ExportError naming it. Certification is the margin math of
 certjax/certify/margins.py
 (jax and numpy) on the artifact's logits and rounding bound, with the manifest's pairwise Lipschitz bounds:
-the numbers `certjax.api` gives for the same checkpoint (tests/test_export.py).
+the numbers `certjax.restore` gives for the same checkpoint (tests/test_export.py).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class ExportError(ValueError):
 
 def manifest_bytes(manifest: dict) -> bytes:
     """The one serialisation of a manifest body: what its hash covers and what the file must hold (used by
-    certjax.export to write it)."""
+    certjax.inference.export to write it)."""
     return json.dumps(manifest, sort_keys=True, indent=1).encode()
 
 
@@ -78,7 +79,8 @@ def read_manifest(directory: str) -> dict:
 
 
 class ExportedModel:
-    """An exported certjax model: certify / logits as certjax.api.CertifiedModel, `info` = the manifest."""
+    """An exported certjax model: certify / logits as certjax.inference.restore.CertifiedModel; `info` is the
+    manifest."""
 
     def __init__(self, directory: str):
         self.directory = os.path.abspath(directory)
@@ -131,7 +133,7 @@ class ExportedModel:
         return np.concatenate(parts) if parts else np.zeros((0, self.info["num_classes"]), np.float32)
 
     def certify(self, images, eps: float | None = None, labels=None) -> dict:
-        """{"prediction", "radius", "certified"} (+ "correct", "label"), as certjax.api's certify."""
+        """{"prediction", "radius", "certified"} (+ "correct", "label"), as certjax.restore's certify."""
         eps = self.info["eps"] if eps is None else float(eps)
         if not (math.isfinite(eps) and eps >= 0):
             raise ValueError(f"eps must be a finite number >= 0 (pixel units), got {eps}")
