@@ -22,8 +22,8 @@ import os
 import jax
 import numpy as np
 
-from certjax.certify.margins import get_certifier
 from certjax.certify.rounding import round_up_float32
+from certjax.certify.threat_models import get_threat_model
 
 FORMAT_VERSION = 1
 
@@ -99,7 +99,7 @@ class ExportedModel:
                     ) from error
         pair = self.info["pair_lipschitz"]
         self._pair_lipschitz = None if pair is None else np.asarray(pair, np.float32)
-        self._certifier = get_certifier(self.info["threat_model"])
+        self._certifier = get_threat_model(self.info["threat_model"]).certify
         self.batch_size = int(self.info["batch_size"])
 
     def _images(self, images) -> tuple[str, np.ndarray]:
