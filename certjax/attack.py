@@ -74,7 +74,7 @@ def pgd(
         best_x, best_margin = carry
 
         def step(x, _):
-            return model.project(x + step_size * model.ascent_direction(grad_fn(x)), images, eps), None
+            return model.project(x + model.ascent_step(grad_fn(x), step_size), images, eps), None
 
         x, _ = jax.lax.scan(step, model.random_start(key, images, eps), None, length=steps)
         margin = margin_of(x)

@@ -93,8 +93,17 @@ def _l2_random_start(key, images, eps):
     return _l2_project(images + eps * radius * direction / norm, images, eps)
 
 
+def _linf_ascent_step(g, step_size):
+    return step_size * jnp.sign(g)
+
+
 def _l2_ascent_direction(g):
     return g / jnp.maximum(_per_example(l2_norm_per_example(g), g), 1e-12)
+
+
+def _l2_ascent_step(g, step_size):
+    # step_size * g first, then the division: the order PGD has always used (bit-identical attacks)
+    return step_size * g / jnp.maximum(_per_example(l2_norm_per_example(g), g), 1e-12)
 
 
 def _l2_unit_direction(noise):
@@ -127,7 +136,8 @@ class ThreatModel:
       norm: per-example norm of perturbations [B, ...] -> [B] (jnp). norm_order: the same for numpy.
       certify: (logits, labels, eps, std, logit_error, pair_lipschitz) -> prediction / radius / certified.
       random_start: (key, images, eps) -> a random point of the eps ball (projected).
-      ascent_direction: gradient -> the steepest-ascent direction of a unit step.
+      ascent_direction: gradient -> the steepest-ascent direction of a unit step (the audit's probe).
+      ascent_step: (gradient, step size) -> PGD's step, that direction times the step size.
       project: (x, images, eps) -> x projected onto the eps ball around images, then onto [0, 1].
       unit_direction: noise -> a random direction of unit norm (the audit's random pairs).
       pair_bound: (num_classes, pair_lipschitz) -> [C, C] Lipschitz bounds of the margins z_a - z_b.
@@ -143,6 +153,7 @@ class ThreatModel:
     certify: Callable
     random_start: Callable
     ascent_direction: Callable
+    ascent_step: Callable
     project: Callable
     unit_direction: Callable
     pair_bound: Callable
@@ -159,6 +170,7 @@ LINF = ThreatModel(
     certify=linf_certify,
     random_start=_linf_random_start,
     ascent_direction=jnp.sign,
+    ascent_step=_linf_ascent_step,
     project=_linf_project,
     unit_direction=jnp.sign,
     pair_bound=_linf_pair_bound,
@@ -175,6 +187,7 @@ L2 = ThreatModel(
     certify=l2_certify,
     random_start=_l2_random_start,
     ascent_direction=_l2_ascent_direction,
+    ascent_step=_l2_ascent_step,
     project=_l2_project,
     unit_direction=_l2_unit_direction,
     pair_bound=_l2_pair_bound,
