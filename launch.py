@@ -128,7 +128,7 @@ def main(argv):
 
     try:
         if FLAGS.mode == "certify":
-            from certjax.certify_files import certify_files
+            from certjax.inference.certify_files import certify_files
 
             certify_files(
                 FLAGS.workdir,

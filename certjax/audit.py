@@ -1,34 +1,34 @@
-"""Soundness audit of a checkpoint's certificates: attack every certified test point, measure Lipschitz
-ratios.
+"""Soundness audit of a checkpoint's certificates: attack every certified point, measure Lipschitz ratios.
 
   python -m certjax.audit --workdir runs/lot_s [--checkpoint best|last|STEP] [--limit 1000]
 
 Loads the checkpoint as `certjax.evaluate` does (the config saved beside it), certifies the test set (or a
 fixed random subset of --limit points), then:
 
-1. PGD (Madry et al., 2018) in the family's threat model (l_inf: signed-gradient steps; l_2:
-   normalised-gradient steps; both projected on the eps ball and [0, 1]), 100 steps, several random restarts,
-   on the smallest margin z_y - max_{j != y} z_j of every correctly classified point (PGD accuracy), and a
-   margin-targeted PGD on each single margin z_y - z_j for the `targets` largest other logits j of every
-   certified point (by the margin or, with certify.method ibp | both, by interval bounds). A certified point
-   whose smallest margin an attack brings to <= 0 is a *broken certificate*
-   (must be 0). It also checks that no margin drops by more than the certificate's Lipschitz bound allows
+1. PGD (Madry et al., 2018; certjax.attack.pgd) in the family's threat model, 100 steps, several random
+   restarts, on the smallest margin z_y - max_{j != y} z_j of every correctly classified point (PGD
+   accuracy), and a margin-targeted PGD on each single margin z_y - z_j for the `targets` largest other
+   logits j of every certified point (by the margin or, with certify.method ibp | both, by interval bounds).
+   A certified point whose smallest margin an attack brings to <= 0 is a *broken certificate* (must be 0).
+   It also checks that no margin drops by more than the certificate's Lipschitz bound allows
    (max_j K_yj * eps / min(std)).
 2. Empirical Lipschitz ratios of the whole network on random nearby pairs, gradient-aligned pairs and the
    attack's (x, x_adv) pairs, in normalised input space, next to the bound the certificate uses: l_inf
-   families every logit 1-Lipschitz (|dz_k| <= ||dx||_inf); l_2 families |d(z_a - z_b)| <= K_ab ||dx||_2 with
-   K the family's `certificate_bounds` pair_lipschitz (the per-layer figures of its report are copied
+   families every logit 1-Lipschitz (|dz_k| <= ||dx||_inf); l_2 families |d(z_a - z_b)| <= K_ab ||dx||_2
+   with K the family's `certificate_bounds` pair_lipschitz (the per-layer figures of its report are copied
    alongside).
 
-The PGD here is attack.py's algorithm with the weights as arguments of the compiled function (not constants
-baked into it: paper-size nets hold hundreds of MB) and a per-example target class. Writes the JSON report to
+What differs between the threat models (the attack's steps, the bound, the probe) is their record,
+certjax/certify/threat_models.py. The weights are arguments of the compiled attack, not constants baked into
+it (paper-size nets hold hundreds of MB). Writes the JSON report to
 `<workdir>/audit_<checkpoint>_step<step>.json` atomically; the exit code is 1 if the audit finds anything
-unsound (a broken certificate, a margin drop or Lipschitz ratio above its bound), else 0.
+unsound (a broken certificate, a margin drop or a Lipschitz ratio above its bound), else 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -40,30 +40,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from certjax.certify.margins import margin_lipschitz_linf, mask_true_class, smallest_margin, true_class_logit
-from certjax.certify.norms import l2_norm_per_example
+from certjax.attack import pgd
+from certjax.certify.margins import mask_true_class, smallest_margin
+from certjax.certify.threat_models import ThreatModel, get_threat_model
 
 RATIO_TOLERANCE = 1e-3  # float32 rounding of logit differences at the probe distances used below
 PROBE_DISTANCE = 0.1  # normalised input units: large against float32 rounding, small against the input range
-
-
-def _norm(delta, threat_model):
-    flat = delta.reshape(delta.shape[0], -1)
-    return jnp.max(jnp.abs(flat), axis=1) if threat_model == "linf" else l2_norm_per_example(flat)
-
-
-def _expand(v, like):
-    return v.reshape((-1,) + (1,) * (like.ndim - 1))
-
 
 _COMPILED: dict = {}  # (model, normalisation, threat model, steps, restarts) -> jitted functions
 
 
 def make_attack(model, mean, std, threat_model: str, steps: int, restarts: int):
-    """Jitted (PGD, logits of pixel images, logits of normalised inputs), compiled once per process and model.
+    """Jitted (PGD, logits of pixel images, logits of normalised inputs, probe direction), built once per
+    process and model, so that every batch and checkpoint of one architecture reuses the compilations.
 
     PGD(variables, images, labels, targets, eps, rng) -> (adversarial images, smallest margins); targets[b] =
-    -1 attacks the smallest margin, else the single margin z_y - z_targets[b]. Images in [0, 1]."""
+    -1 attacks the smallest margin, else the single margin z_y - z_targets[b] (certjax.attack.pgd). Images
+    in [0, 1]."""
     key = (
         repr(model),
         tuple(np.ravel(mean).tolist()),
@@ -73,11 +66,11 @@ def make_attack(model, mean, std, threat_model: str, steps: int, restarts: int):
         restarts,
     )
     if key not in _COMPILED:
-        _COMPILED[key] = _make_attack(model, mean, std, threat_model, steps, restarts)
+        _COMPILED[key] = _make_attack(model, mean, std, get_threat_model(threat_model), steps, restarts)
     return _COMPILED[key]
 
 
-def _make_attack(model, mean, std, threat_model: str, steps: int, restarts: int):
+def _make_attack(model, mean, std, threat: ThreatModel, steps: int, restarts: int):
     mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
 
     def logits_normalised(variables, xn):
@@ -86,78 +79,31 @@ def _make_attack(model, mean, std, threat_model: str, steps: int, restarts: int)
     def logits_of(variables, x):
         return model.apply(variables, (x - mean) / std, jnp.float32(jnp.inf), train=False)[0]
 
-    def objective(variables, x, labels, targets):
-        z = logits_of(variables, x)
-        true_logit = true_class_logit(z, labels)[:, 0]
-        target_logit = true_class_logit(z, jnp.maximum(targets, 0))[:, 0]
-        return jnp.where(targets >= 0, true_logit - target_logit, smallest_margin(z, labels))
-
-    @jax.jit
     def attack(variables, images, labels, targets, eps, rng):
-        step_size = eps / 4
-        grad_fn = jax.grad(lambda x: -jnp.sum(objective(variables, x, labels, targets)))
-
-        def project(x):
-            delta = x - images
-            if threat_model == "linf":
-                delta = jnp.clip(delta, -eps, eps)
-            else:
-                delta = delta * _expand(jnp.minimum(1.0, eps / jnp.maximum(_norm(delta, "l2"), 1e-12)), delta)
-            return jnp.clip(images + delta, 0.0, 1.0)
-
-        def ascend(x, _):
-            g = grad_fn(x)
-            if threat_model == "linf":
-                direction = jnp.sign(g)
-            else:
-                direction = g / _expand(jnp.maximum(_norm(g, "l2"), 1e-12), g)
-            return project(x + step_size * direction), None
-
-        def one_restart(carry, key):
-            best_x, best_margin = carry
-            noise = jax.random.uniform(key, images.shape, minval=-1.0, maxval=1.0)
-            if threat_model != "linf":
-                noise = noise / _expand(jnp.maximum(_norm(noise, "l2"), 1e-12), noise)
-            x, _ = jax.lax.scan(ascend, project(images + eps * noise), None, length=steps)
-            margin = smallest_margin(logits_of(variables, x), labels)
-            better = margin < best_margin
-            return (jnp.where(_expand(better, x), x, best_x), jnp.minimum(margin, best_margin)), None
-
-        start = (images, smallest_margin(logits_of(variables, images), labels))
-        (best_x, best_margin), _ = jax.lax.scan(one_restart, start, jax.random.split(rng, restarts))
-        return best_x, best_margin
+        return pgd(
+            logits_of, variables, images, labels, eps, rng,
+            threat_model=threat.name, targets=targets, steps=steps, restarts=restarts,
+        )  # fmt: skip
 
     @jax.jit
     def probe_direction(variables, xn, labels):
-        """The steepest direction of a unit step: sign of the gradient of z_y (l_inf: every logit's own bound
-        is probed) or the normalised gradient of the smallest margin (l_2: the pair bound is probed)."""
-        if threat_model == "linf":
-            g = jax.grad(lambda v: jnp.sum(true_class_logit(logits_normalised(variables, v), labels)))(xn)
-            return jnp.sign(g)
-        g = jax.grad(lambda v: jnp.sum(smallest_margin(logits_normalised(variables, v), labels)))(xn)
-        return g / _expand(jnp.maximum(_norm(g, "l2"), 1e-12), g)
+        """The steepest direction of a unit step for the threat model's probed output (l_inf: z_y, so that
+        every logit's own bound is probed; l_2: the smallest margin, so that the pair bound is)."""
+        objective = threat.probe_objective
+        g = jax.grad(lambda v: jnp.sum(objective(logits_normalised(variables, v), labels)))(xn)
+        return threat.ascent_direction(g)
 
     return attack, jax.jit(logits_of), jax.jit(logits_normalised), probe_direction
-
-
-def _pair_ratios(dz, delta_norm, pair_bound):
-    """max over class pairs (a, b) of |dz_a - dz_b| / (||dx|| K_ab), per example."""
-    diff = jnp.abs(dz[:, :, None] - dz[:, None, :]) / _expand(delta_norm, dz[:, :, None])
-    ratio = diff / pair_bound[None]
-    eye = jnp.eye(dz.shape[1], dtype=bool)[None]
-    return jnp.max(jnp.where(eye, 0.0, ratio), axis=(1, 2))
 
 
 def lipschitz_ratios(logits_fn, threat_model, pair_bound, x, x_other):
     """Ratio of the empirical Lipschitz quotient to the certificate's bound, per pair of normalised inputs.
 
     l_inf: max_k |dz_k| / ||dx||_inf (bound: every logit 1-Lipschitz); l_2: max_{a != b} |d(z_a - z_b)| /
-    (K_ab ||dx||_2)."""
+    (K_ab ||dx||_2) (certjax.certify.threat_models)."""
+    threat = get_threat_model(threat_model)
     dz = logits_fn(x_other) - logits_fn(x)
-    delta_norm = _norm(x_other - x, threat_model)
-    if threat_model == "linf":
-        return jnp.max(jnp.abs(dz), axis=1) / delta_norm
-    return _pair_ratios(dz, delta_norm, pair_bound)
+    return threat.lipschitz_ratio(dz, threat.norm(x_other - x), pair_bound)
 
 
 def _summary(values) -> dict:
@@ -191,15 +137,158 @@ def _by_method(cert, broken) -> dict:
     }
 
 
-def audit_model(exp, state, images, labels, *, steps=100, restarts=5, targets=3, batch_size=256, seed=0):
-    """The audit of one model on the given test points (uint8 images, int labels); returns the report dict."""
-    config = exp.config
-    threat_model = exp.family.THREAT_MODEL
-    eps = float(config.certify.eps)
-    std = np.asarray(config.data.std, np.float32)
-    min_std = float(np.min(std))
-    started = time.perf_counter()
+@dataclasses.dataclass
+class _Audit:
+    """What every batch of one audit uses (the model's functions and bounds) and what it finds."""
 
+    threat: ThreatModel
+    variables: dict
+    pair_bound: np.ndarray
+    attack: object
+    logits_of: object
+    logits_with: object
+    probe_direction: object
+    mean: np.ndarray
+    std: np.ndarray
+    eps: float
+    survived: np.ndarray
+    broken: np.ndarray
+    drop_violations: int = 0
+    worst_drop_ratio: float = 0.0
+    ratios: dict = dataclasses.field(
+        default_factory=lambda: {"random_pairs": [], "gradient_pairs": [], "attack_pairs": []}
+    )
+
+    def logits_normalised(self, xn):
+        return self.logits_with(self.variables, xn)
+
+
+def _start_audit(exp, state, bounds, num_points: int, steps: int, restarts: int) -> _Audit:
+    """The audit's model functions (compiled once per architecture) and bounds, with nothing found yet."""
+    config = exp.config
+    threat = get_threat_model(exp.family.THREAT_MODEL)
+    std = np.asarray(config.data.std, np.float32)
+    functions = make_attack(exp.model, config.data.mean, std, threat.name, steps, restarts)
+    return _Audit(
+        threat,
+        {"params": state.params, **state.model_state, **bounds["variables"]},
+        threat.pair_bound(exp.num_classes, bounds["pair_lipschitz"]),
+        *functions,
+        mean=np.asarray(config.data.mean, np.float32),
+        std=std,
+        eps=float(config.certify.eps),
+        survived=np.zeros(num_points, bool),
+        broken=np.zeros(num_points, bool),
+    )
+
+
+def _attack_batch(audit: _Audit, x, y, is_cert, targets: int, rng):
+    """PGD on the smallest margin, then margin-targeted PGD of the certified points on each of the `targets`
+    largest other logits. Returns (clean margins, smallest margins reached, [(x_adv, margins)], rng)."""
+    clean_logits = np.asarray(audit.logits_of(audit.variables, x))
+    clean_margin = np.asarray(smallest_margin(jnp.asarray(clean_logits), y))
+    eps32 = np.float32(audit.eps)
+    rng, key = jax.random.split(rng)
+    x_adv, margin = audit.attack(audit.variables, x, y, -jnp.ones_like(y), eps32, key)
+    margin = np.asarray(margin)
+    pairs = [(x_adv, margin)]
+    if is_cert.any():
+        others = np.asarray(mask_true_class(jnp.asarray(clean_logits), y, -jnp.inf))
+        order = np.argsort(-others, axis=1)[:, : min(targets, clean_logits.shape[1] - 1)]
+        for t in range(order.shape[1]):
+            rng, key = jax.random.split(rng)
+            target = np.where(is_cert, order[:, t], -1).astype(np.int32)
+            x_t, margin_t = audit.attack(audit.variables, x, y, jnp.asarray(target), eps32, key)
+            margin = np.minimum(margin, np.asarray(margin_t))
+            pairs.append((x_t, np.asarray(margin_t)))
+    return clean_margin, margin, pairs, rng
+
+
+def _check_margin_drops(audit: _Audit, labels, clean_margin, margin) -> None:
+    """The smallest margin may drop by at most max_j K_yj * eps / min(std): count the drops above it."""
+    num_classes = audit.pair_bound.shape[0]
+    others = np.where(np.eye(num_classes, dtype=bool)[labels], 0.0, audit.pair_bound[labels])
+    allowed = np.max(others, 1) * audit.eps / float(np.min(audit.std))
+    drop = clean_margin - margin
+    audit.drop_violations += int(np.sum(drop > allowed * (1 + 1e-4) + 1e-5))
+    audit.worst_drop_ratio = max(audit.worst_drop_ratio, float(np.max(drop / allowed)))
+
+
+def _probe_lipschitz(audit: _Audit, x, y, pairs, rng):
+    """Empirical Lipschitz ratios in normalised input space on random, gradient-aligned and attack pairs."""
+    threat, pair_bound = audit.threat, audit.pair_bound
+
+    def ratios(x_other):
+        return np.asarray(lipschitz_ratios(audit.logits_normalised, threat.name, pair_bound, xn, x_other))
+
+    xn = (x - audit.mean) / audit.std
+    rng, key = jax.random.split(rng)
+    noise = threat.unit_direction(jax.random.normal(key, xn.shape))
+    audit.ratios["random_pairs"] += ratios(xn + PROBE_DISTANCE * noise).tolist()
+    step = PROBE_DISTANCE * audit.probe_direction(audit.variables, xn, y)
+    audit.ratios["gradient_pairs"] += ratios(xn + step).tolist()
+    for x_other, _ in pairs:
+        moved = np.asarray(threat.norm(x_other - x)) > 1e-3 * audit.eps
+        if moved.any():
+            audit.ratios["attack_pairs"] += ratios((x_other - audit.mean) / audit.std)[moved].tolist()
+    return rng
+
+
+def _lipschitz_report(audit: _Audit, bounds) -> dict:
+    lipschitz = {name: _summary(values) for name, values in audit.ratios.items()}
+    lipschitz.update(
+        norm=audit.threat.display,
+        bound=audit.threat.bound_description,
+        probe_distance=PROBE_DISTANCE,
+        max_ratio_to_bound=max((s.get("max", 0.0) for s in lipschitz.values()), default=0.0),
+        bounds_report=_jsonable(bounds["report"]),
+    )
+    return lipschitz
+
+
+def _report(exp, audit: _Audit, cert, attacked, bounds, attack_settings: dict) -> dict:
+    config, n = exp.config, len(audit.broken)
+    certified, lipschitz = cert["certified"].astype(bool), _lipschitz_report(audit, bounds)
+    report = {
+        "family": config.get("family", config.model.name),
+        "variant": config.get("variant", ""),
+        "threat_model": audit.threat.name,
+        "eps": audit.eps,
+        "num_points": int(n),
+        "clean_accuracy": float(cert["correct"].astype(bool).mean()),
+        "certified_accuracy": float(certified.mean()),
+        "pgd_accuracy": float(audit.survived.sum() / n),
+        "certified_points": int(certified.sum()),
+        "attacked_points": int(len(attacked)),
+        "broken": int(audit.broken.sum()),
+        "broken_indices": np.flatnonzero(audit.broken).tolist(),
+        # with interval bounds (certify.method ibp | both) every IBP-certified point is attacked too
+        **_by_method(cert, audit.broken),
+        "margin_drop_violations": audit.drop_violations,
+        "max_margin_drop_to_bound": audit.worst_drop_ratio,
+        "attack": {**attack_settings, "step_size": "eps / 4"},
+        "lipschitz": lipschitz,
+    }
+    report["sound"] = bool(
+        report["broken"] == 0
+        and audit.drop_violations == 0
+        and lipschitz["max_ratio_to_bound"] <= 1 + RATIO_TOLERANCE
+    )
+    return report
+
+
+def audit_model(exp, state, images, labels, *, steps=100, restarts=5, targets=3, batch_size=256, seed=0):
+    """The audit of one model on the given test points.
+
+    Args:
+      exp, state: the Experiment and its restored state. images, labels: uint8 test images and int labels.
+      steps, restarts: PGD's per attack. targets: margin-targeted attacks per certified point.
+      batch_size: points per attacked batch. seed: the attacks' and probes' random key.
+
+    Returns:
+      The report dict (see the module docstring); report["sound"] is False when anything is unsound.
+    """
+    started = time.perf_counter()
     cert = exp.certify_batches(
         state.params,
         state.model_state,
@@ -209,128 +298,22 @@ def audit_model(exp, state, images, labels, *, steps=100, restarts=5, targets=3,
         ],
     )
     bounds = exp.certificate_bounds(state.params, state.model_state)
-    variables = {"params": state.params, **state.model_state, **bounds["variables"]}
-    num_classes = exp.num_classes
-    if threat_model == "linf":
-        pair_bound = np.asarray(margin_lipschitz_linf(jnp.zeros((num_classes, num_classes))))
-    else:
-        pair_bound = np.asarray(bounds["pair_lipschitz"], np.float32)
-    attack, logits_of, logits_with, probe_direction = make_attack(
-        exp.model, config.data.mean, std, threat_model, steps, restarts
-    )
-
-    def logits_normalised(xn):
-        return logits_with(variables, xn)
-
+    audit = _start_audit(exp, state, bounds, len(labels), steps, restarts)
     pixels_all = images.astype(np.float32) / 255.0
-    eps32 = np.float32(eps)
-    rng = jax.random.key(seed)
-
-    correct = cert["correct"].astype(bool)
     certified = cert["certified"].astype(bool)
-    attacked = np.flatnonzero(correct)
-    survived = np.zeros(len(labels), bool)
-    broken = np.zeros(len(labels), bool)
-    worst_drop_ratio = 0.0
-    drop_violations = 0
-    ratios = {"random_pairs": [], "gradient_pairs": [], "attack_pairs": []}
-    mean = np.asarray(config.data.mean, np.float32)
-
+    attacked = np.flatnonzero(cert["correct"].astype(bool))
+    rng = jax.random.key(seed)
     for start in range(0, len(attacked), batch_size):
         idx = attacked[start : start + batch_size]
-        x = jnp.asarray(pixels_all[idx])
-        y = jnp.asarray(labels[idx], jnp.int32)
-        clean_logits = np.asarray(logits_of(variables, x))
-        clean_margin = np.asarray(smallest_margin(jnp.asarray(clean_logits), y))
-        rng, key = jax.random.split(rng)
-        x_adv, margin = attack(variables, x, y, -jnp.ones_like(y), eps32, key)
-        margin = np.asarray(margin)
-        pairs = [(x_adv, margin)]
-        # margin-targeted attacks on the certified points: each of the `targets` largest other logits
-        is_cert = certified[idx]
-        if is_cert.any():
-            others = np.asarray(
-                mask_true_class(jnp.asarray(clean_logits), jnp.asarray(labels[idx]), -jnp.inf)
-            )
-            order = np.argsort(-others, axis=1)[:, : min(targets, num_classes - 1)]
-            for t in range(order.shape[1]):
-                rng, key = jax.random.split(rng)
-                target = np.where(is_cert, order[:, t], -1).astype(np.int32)
-                x_t, margin_t = attack(variables, x, y, jnp.asarray(target), eps32, key)
-                margin = np.minimum(margin, np.asarray(margin_t))
-                pairs.append((x_t, np.asarray(margin_t)))
-        survived[idx] = margin > 0
-        broken[idx] = is_cert & (margin <= 0)
-        # the smallest margin may drop by at most max_j K_yj * eps / min(std)
-        allowed = np.max(
-            np.where(np.eye(num_classes, dtype=bool)[labels[idx]], 0.0, pair_bound[labels[idx]]), 1
-        )
-        allowed = allowed * eps / min_std
-        drop = clean_margin - margin
-        drop_violations += int(np.sum(drop > allowed * (1 + 1e-4) + 1e-5))
-        worst_drop_ratio = max(worst_drop_ratio, float(np.max(drop / allowed)))
-
-        # empirical Lipschitz ratios, normalised input space
-        xn = (x - mean) / std
-        rng, key = jax.random.split(rng)
-        noise = jax.random.normal(key, xn.shape)
-        if threat_model == "linf":
-            noise = jnp.sign(noise)
-        else:
-            noise = noise / _expand(_norm(noise, "l2"), noise)
-        ratios["random_pairs"] += np.asarray(
-            lipschitz_ratios(logits_normalised, threat_model, pair_bound, xn, xn + PROBE_DISTANCE * noise)
-        ).tolist()
-        step = PROBE_DISTANCE * probe_direction(variables, xn, y)
-        ratios["gradient_pairs"] += np.asarray(
-            lipschitz_ratios(logits_normalised, threat_model, pair_bound, xn, xn + step)
-        ).tolist()
-        for x_other, _ in pairs:
-            moved = np.asarray(_norm(x_other - x, threat_model)) > 1e-3 * eps
-            if moved.any():
-                values = lipschitz_ratios(
-                    logits_normalised, threat_model, pair_bound, xn, (x_other - mean) / std
-                )
-                ratios["attack_pairs"] += np.asarray(values)[moved].tolist()
-
-    lipschitz = {name: _summary(values) for name, values in ratios.items()}
-    max_ratio = max((s.get("max", 0.0) for s in lipschitz.values()), default=0.0)
-    lipschitz.update(
-        {
-            "norm": "l_inf" if threat_model == "linf" else "l_2",
-            "bound": "every logit 1-Lipschitz (l_inf, normalised input)"
-            if threat_model == "linf"
-            else "K_ab = certificate_bounds pair_lipschitz for each margin z_a - z_b (l_2, normalised input)",
-            "probe_distance": PROBE_DISTANCE,
-            "max_ratio_to_bound": max_ratio,
-            "bounds_report": _jsonable(bounds["report"]),
-        }
-    )
-    n = len(labels)
-    report = {
-        "family": config.get("family", config.model.name),
-        "variant": config.get("variant", ""),
-        "threat_model": threat_model,
-        "eps": eps,
-        "num_points": int(n),
-        "clean_accuracy": float(correct.mean()),
-        "certified_accuracy": float(certified.mean()),
-        "pgd_accuracy": float(survived.sum() / n),
-        "certified_points": int(certified.sum()),
-        "attacked_points": int(len(attacked)),
-        "broken": int(broken.sum()),
-        "broken_indices": np.flatnonzero(broken).tolist(),
-        # with interval bounds (certify.method ibp | both) every IBP-certified point is attacked too
-        **_by_method(cert, broken),
-        "margin_drop_violations": drop_violations,
-        "max_margin_drop_to_bound": worst_drop_ratio,
-        "attack": {"steps": steps, "restarts": restarts, "targets": targets, "step_size": "eps / 4"},
-        "lipschitz": lipschitz,
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-    report["sound"] = bool(
-        report["broken"] == 0 and drop_violations == 0 and max_ratio <= 1 + RATIO_TOLERANCE
-    )
+        x, y = jnp.asarray(pixels_all[idx]), jnp.asarray(labels[idx], jnp.int32)
+        clean_margin, margin, pairs, rng = _attack_batch(audit, x, y, certified[idx], targets, rng)
+        audit.survived[idx] = margin > 0
+        audit.broken[idx] = certified[idx] & (margin <= 0)
+        _check_margin_drops(audit, labels[idx], clean_margin, margin)
+        rng = _probe_lipschitz(audit, x, y, pairs, rng)
+    settings = {"steps": steps, "restarts": restarts, "targets": targets}
+    report = _report(exp, audit, cert, attacked, bounds, settings)
+    report["seconds"] = round(time.perf_counter() - started, 1)
     return report
 
 

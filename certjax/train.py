@@ -36,8 +36,9 @@ from jax.sharding import PartitionSpec as P
 
 from certjax import checkpoints
 from certjax.certify import interval as interval_bounds
-from certjax.certify.margins import certify_method, get_certifier, pixel_radius_scale
+from certjax.certify.margins import certify_method, pixel_radius_scale
 from certjax.certify.rounding import normalisation_error_l2, normalisation_error_linf, round_up_float32
+from certjax.certify.threat_models import get_threat_model
 from certjax.config_checks import check_config
 from certjax.data import pipeline
 from certjax.data.augment import augment_batch, normalize
@@ -123,7 +124,7 @@ class Experiment:
             self.sources, self.num_classes = None, NUM_CLASSES[config.data.dataset]
         self.model = self.family.build(config.model, self.num_classes)
         self.loss_fn = get_loss(config.loss.name)
-        self.certifier = get_certifier(self.family.THREAT_MODEL)
+        self.certifier = get_threat_model(self.family.THREAT_MODEL).certify
         self.certify_method = certify_method(config, self.family)
         self.valid_range = interval_bounds.valid_pixel_range(config.data.mean, config.data.std)
         self.input_scale = 1.0 / pixel_radius_scale(config.data.std)  # pixel eps -> normalised eps

@@ -88,8 +88,8 @@ def _rows(path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_certify_files_on_a_zip_of_real_images_writes_the_rows(tiny_run, image_zip, tmp_path, family):
-    from certjax.certify_files import certify_files
     from certjax.data.user_images import read_user_images
+    from certjax.inference.certify_files import certify_files
 
     workdir = tiny_run(family)
     out = tmp_path / "rows.jsonl"
@@ -179,7 +179,7 @@ def test_bad_input_one_line_exit_2_nothing_written(tiny_run, tmp_path):
 
 
 def test_certify_files_reads_an_npz_with_labels_and_a_single_image(tiny_run, tmp_path):
-    from certjax.certify_files import certify_files
+    from certjax.inference.certify_files import certify_files
 
     workdir = tiny_run("linf_dist")
     images, labels = make_real_source("demo", "test", "cifar10").read(np.arange(0, 40, 4))

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from certjax.attack import pgd_linf
+from certjax.attack import pgd
 from certjax.certify.margins import linf_certify, pixel_radius_scale, smallest_margin
 from certjax.certify.rounding import round_up_float32
 
@@ -112,9 +112,10 @@ def audit_with_pgd(exp, state):
     eps = config.certify.eps
     cert = exp.certify_batches(state.params, state.model_state, [{"image": images, "label": labels}])
     assert cert["certified"].sum() >= 5, "the tiny model certifies too few points for a meaningful test"
-    _, adv_margin = pgd_linf(
-        logits_fn, pixels, jnp.asarray(labels), eps, jax.random.key(0), steps=100, restarts=3
-    )
+    _, adv_margin = pgd(
+        lambda _, x: logits_fn(x), None, pixels, jnp.asarray(labels), eps, jax.random.key(0),
+        threat_model="linf", steps=100, restarts=3,
+    )  # fmt: skip
     adv_margin = np.asarray(adv_margin)
     clean_margin = np.asarray(smallest_margin(logits_fn(pixels), jnp.asarray(labels)))
     # 1) no certified point is broken

@@ -11,8 +11,8 @@ import pytest
 
 import certjax
 from certjax.data.sources import make_real_source
-from certjax.export import export_model
-from certjax.exported import ExportError, load_exported
+from certjax.inference.export import export_model
+from certjax.inference.exported import ExportError, load_exported
 from tests.conftest import REPO, TINY_RUNS, launch_env
 
 FAMILIES = sorted(TINY_RUNS)  # every family, as its tiny run
@@ -32,7 +32,7 @@ for i, directory in enumerate(sys.argv[2:]):
     results[f"prediction{i}"] = out["prediction"]
     results[f"certified{i}"] = out["certified"]
 leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("flax", "orbax", "optax") or
-                m.startswith("certjax.models") or m in ("certjax.api", "certjax.train"))
+                m.startswith("certjax.models") or m in ("certjax.inference.restore", "certjax.train"))
 assert not leaked, leaked
 np.savez(sys.argv[1].replace(".npz", "_out.npz"), **results)
 """

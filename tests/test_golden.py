@@ -110,7 +110,7 @@ def export_outputs(model, out_dir: Path, images, labels) -> tuple[dict, dict]:
     """The export (CPU only) of the restored model, loaded with certjax.load_exported, on the fixed images;
     the manifest's numbers (not its hashes, paths or versions)."""
     import certjax
-    from certjax.export import export_model
+    from certjax.inference.export import export_model
 
     export_model(model, str(out_dir), platforms=("cpu",))
     exported = certjax.load_exported(str(out_dir))

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from certjax.attack import pgd_l2
+from certjax.attack import pgd
 from certjax.certify import norms
 from certjax.certify.margins import smallest_margin
 from certjax.losses import emma, gloro_trades
@@ -261,7 +261,10 @@ def test_pgd_l2_never_breaks_a_certified_liresnet_point(tiny_trained_liresnet):
     chosen = np.concatenate([np.flatnonzero(cert["certified"]), vulnerable])
     pixels, labels = pixels[chosen], jnp.asarray(labels[chosen])
     certified = cert["certified"][chosen]
-    _, adv_margin = pgd_l2(logits_fn, pixels, labels, eps, jax.random.key(0), steps=100, restarts=3)
+    _, adv_margin = pgd(
+        lambda _, x: logits_fn(x), None, pixels, labels, eps, jax.random.key(0),
+        threat_model="l2", steps=100, restarts=3,
+    )  # fmt: skip
     adv_margin = np.asarray(adv_margin)
     clean_margin = np.asarray(smallest_margin(logits_fn(pixels), labels))
     assert np.all(adv_margin[certified] > 0)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from certjax.attack import pgd_l2
+from certjax.attack import pgd
 from certjax.certify.margins import l2_certify, smallest_margin
 from certjax.kernels.orthogonal_conv import fft_conv, orthogonal_frequency_weights
 from certjax.models import lot
@@ -298,9 +298,10 @@ def test_pgd_l2_never_breaks_a_certified_lot_point(tiny_trained_lot):
     eps = config.certify.eps
     cert = exp.certify_batches(state.params, state.model_state, [{"image": images, "label": labels}])
     assert cert["certified"].sum() >= 5, "the tiny model certifies too few points for a meaningful test"
-    _, adv_margin = pgd_l2(
-        logits_fn, pixels, jnp.asarray(labels), eps, jax.random.key(0), steps=100, restarts=3
-    )
+    _, adv_margin = pgd(
+        lambda _, x: logits_fn(x), None, pixels, jnp.asarray(labels), eps, jax.random.key(0),
+        threat_model="l2", steps=100, restarts=3,
+    )  # fmt: skip
     adv_margin = np.asarray(adv_margin)
     clean_margin = np.asarray(smallest_margin(logits_fn(pixels), jnp.asarray(labels)))
     assert np.all(adv_margin[cert["certified"]] > 0)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import certjax
-from certjax.attack import pgd_l2
+from certjax.attack import pgd
 from certjax.data.sources import make_real_source
 from certjax.models import lot, lot_certify
 from certjax.models.layers import normalized_rows
@@ -121,9 +121,9 @@ def test_pgd_breaks_no_certificate_of_the_float64_certifier(lot_model):
         return model._exp.model.apply(variables, (pixels - mean) / std)[0]
 
     pixels = jnp.asarray(images[certified], jnp.float32) / 255.0
-    _, margin = pgd_l2(
-        logits_fn, pixels, jnp.asarray(labels[certified]), config.certify.eps, jax.random.key(0), steps=25,
-        restarts=1,
+    _, margin = pgd(
+        lambda _, x: logits_fn(x), None, pixels, jnp.asarray(labels[certified]), config.certify.eps,
+        jax.random.key(0), threat_model="l2", steps=25, restarts=1,
     )  # fmt: skip
     assert np.all(np.asarray(margin) > 0)
     # the radii are those of the exact network: no margin falls faster than the certified Lipschitz bound

@@ -148,7 +148,6 @@ def l2_certify(logits, labels, eps: float, std, logit_error=None, pair_lipschitz
     )
 
 
-THREAT_MODELS = {"linf": linf_certify, "l2": l2_certify}
 CERTIFY_METHODS = ("margin", "ibp", "both")
 
 
@@ -171,9 +170,3 @@ def certify_method(config, family) -> str:
             "margin: use --config.certify.method=margin"
         )
     return method
-
-
-def get_certifier(threat_model: str):
-    if threat_model not in THREAT_MODELS:
-        raise ValueError(f"Unknown threat model {threat_model!r}; valid: {sorted(THREAT_MODELS)}")
-    return THREAT_MODELS[threat_model]

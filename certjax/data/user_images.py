@@ -132,7 +132,7 @@ def _from_npz(path: Path, image_shape) -> UserImages:
         raise DataError(f"{path}: 'label' has shape {labels.shape}, expected ({len(images)},)")
     if len(images) == 0:
         raise DataError(f"{path}: 'image' holds no images")
-    from certjax.api import as_images
+    from certjax.inference.images import as_images
 
     try:
         images = as_images(images)

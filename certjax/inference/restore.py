@@ -18,6 +18,11 @@ pixel units, the checkpoint's `certify.eps` by default), or, for the l_inf famil
 computes it (then `certified_margin` and `certified_ibp` are returned as well). With labels, `correct` =
 prediction == label; a point counts for certified accuracy when correct and certified (evaluation's
 `certified`); evaluation's `radius` (of the true class) is radius on correct points and 0 on the others.
+
+A float64 image is certified as the float32 image it rounds to (certjax/inference/images.py): its `radius`
+is that image's radius minus their distance in the threat model's norm (rounded up), and its interval
+bounds are taken over the eps box widened by that distance, so no certificate claims more for the image
+given than is proved for the image certified. uint8 and float32 images are certified as they are.
 """
 
 from __future__ import annotations
@@ -28,35 +33,8 @@ import os
 import numpy as np
 
 from certjax.certify.rounding import round_up_float32
-
-IMAGE_SHAPE = (32, 32, 3)
-
-
-def as_images(images) -> np.ndarray:
-    """numpy/jax uint8 [N, 32, 32, 3] in [0, 255] or float in [0, 1] (one image [32, 32, 3] too) -> a numpy
-    batch, uint8 or float32; anything else raises ValueError naming the fix."""
-    array = np.asarray(images)
-    if array.shape == IMAGE_SHAPE:
-        array = array[None]
-    if array.ndim != 4 or array.shape[1:] != IMAGE_SHAPE:
-        hint = " (channels first? use images.transpose(0, 2, 3, 1))" if array.shape[1:2] == (3,) else ""
-        raise ValueError(f"images must be [N, 32, 32, 3] (NHWC, RGB), got shape {array.shape}{hint}")
-    if array.dtype == np.uint8:
-        return array
-    if array.dtype == bool or not (
-        np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)
-    ):
-        raise ValueError(f"images must be uint8 in [0, 255] or float in [0, 1], got dtype {array.dtype}")
-    if np.issubdtype(array.dtype, np.integer):
-        if array.size and (array.min() < 0 or array.max() > 255):
-            raise ValueError("integer images must lie in [0, 255]")
-        return array.astype(np.uint8)
-    array = array.astype(np.float32)
-    if array.size and not (np.all(np.isfinite(array)) and array.min() >= 0.0 and array.max() <= 1.0):
-        raise ValueError(
-            "float images must lie in [0, 1] (pixels / 255); for values in [0, 255] pass them as uint8"
-        )
-    return array
+from certjax.certify.threat_models import get_threat_model, radius_after_input_rounding
+from certjax.inference.images import IMAGE_SHAPE, as_images, float32_input
 
 
 class CertifiedModel:
@@ -66,6 +44,7 @@ class CertifiedModel:
         self._exp = experiment
         self._params, self._model_state = state.params, state.model_state
         self._bounds = experiment.certificate_bounds(state.params, state.model_state)
+        self._threat = get_threat_model(experiment.family.THREAT_MODEL)
         config = experiment.config
         self.config = config
         self.batch_size = int(config.train.eval_batch_size)
@@ -121,7 +100,7 @@ class CertifiedModel:
 
         eps: pixel units ([0, 1] scale, l_p of the family's threat model); default the checkpoint's.
         progress: a tqdm bar on stderr when there are more than a few batches."""
-        images = as_images(images)
+        images, distance = float32_input(as_images(images), self._threat)
         eps = self.info["eps"] if eps is None else float(eps)
         if not eps >= 0.0 or not math.isfinite(eps):
             raise ValueError(f"eps must be a finite number >= 0 (pixel units), got {eps}")
@@ -137,6 +116,8 @@ class CertifiedModel:
             labels = np.zeros(len(images), np.int32)  # any class: only prediction_radius is used below
         results = self._run(images, labels, progress)
         radius = results["prediction_radius"]
+        if distance is not None:  # float64 input: certified around its float32 rounding, minus the distance
+            radius = radius_after_input_rounding(radius, distance)
         prediction = results["prediction"].astype(np.int32)
         out = {
             "prediction": prediction,
@@ -147,7 +128,9 @@ class CertifiedModel:
         method = self._exp.certify_method
         if method != "margin":  # l_inf families: interval bounds at eps too, as evaluation certifies
             out["certified_margin"] = out["certified"]
-            out["certified_ibp"] = self._ibp_certified(images, prediction, eps)
+            # float64 input: its eps box lies in the box of eps + its distance around the float32 image
+            box_eps = eps if distance is None else math.nextafter(eps + float(np.max(distance)), math.inf)
+            out["certified_ibp"] = self._ibp_certified(images, prediction, box_eps)
             out["certified"] = (
                 out["certified_ibp"] if method == "ibp" else out["certified_margin"] | out["certified_ibp"]
             )
@@ -176,8 +159,9 @@ class CertifiedModel:
         return np.concatenate(flags) if flags else np.zeros(0, bool)
 
     def logits(self, images) -> np.ndarray:
-        """The certifying forward's logits [N, num_classes] (float32), those `certify` compares."""
-        images = as_images(images)
+        """The certifying forward's logits [N, num_classes] (float32), those `certify` compares (float64
+        images: of their float32 rounding)."""
+        images, _ = float32_input(as_images(images), self._threat)
         exp, outputs = self._exp, []
         variables = {**self._model_state, **self._bounds["variables"]}
         gain = np.float32(self._bounds.get("input_error_gain", 1.0))

@@ -58,7 +58,7 @@ def certify_files(
             f"--eps={eps}: the budget must be a number >= 0 (pixel units, e.g. 36/255 = 0.1412)"
         )
     path = output_path(workdir, images, out)
-    from certjax.api import require_checkpoints, restore
+    from certjax.inference.restore import require_checkpoints, restore
 
     require_checkpoints(workdir)
     data = read_user_images(images, skip_bad=skip_bad_images)  # before the model: bad input fails fast

@@ -1,14 +1,15 @@
-"""Certify with an exported model (certjax/export.py) using jax and numpy only: no flax, no model code.
+"""Certify with an exported model (certjax/inference/export.py) using jax and numpy only: no flax, no model
+code.
 
     model = certjax.load_exported("model_dir")
-    out = model.certify(images, eps=None, labels=None)   # as certjax.api: prediction, radius, certified
+    out = model.certify(images, eps=None, labels=None)   # as certjax.restore's: prediction, radius, certified
     logits = model.logits(images)
 
 Loading checks the manifest's own hash and the SHA-256 of every file before anything is deserialised, and
 refuses a changed file with ExportError naming it. Certification is the margin math of
-certjax/certify/margins.py
-(jax and numpy) on the artifact's logits and rounding bound, with the manifest's pairwise Lipschitz bounds:
-the numbers `certjax.api` gives for the same checkpoint (tests/test_export.py).
+certjax/certify/margins.py (jax and numpy) on the artifact's logits and rounding bound, with the manifest's
+pairwise Lipschitz bounds: the numbers `certjax.restore` gives for the same checkpoint (tests/test_export.py),
+float64 images included (certified as their float32 rounding, minus the distance; inference/images.py).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import os
 import jax
 import numpy as np
 
-from certjax.certify.margins import get_certifier
 from certjax.certify.rounding import round_up_float32
+from certjax.certify.threat_models import get_threat_model, radius_after_input_rounding
+from certjax.inference.images import as_images, float32_input
 
 FORMAT_VERSION = 1
 
@@ -33,7 +35,7 @@ class ExportError(ValueError):
 
 def manifest_bytes(manifest: dict) -> bytes:
     """The one serialisation of a manifest body: what its hash covers and what the file must hold (used by
-    certjax.export to write it)."""
+    certjax.inference.export to write it)."""
     return json.dumps(manifest, sort_keys=True, indent=1).encode()
 
 
@@ -78,7 +80,8 @@ def read_manifest(directory: str) -> dict:
 
 
 class ExportedModel:
-    """An exported certjax model: certify / logits as certjax.api.CertifiedModel, `info` = the manifest."""
+    """An exported certjax model: certify / logits as certjax.inference.restore.CertifiedModel; `info` is the
+    manifest."""
 
     def __init__(self, directory: str):
         self.directory = os.path.abspath(directory)
@@ -97,27 +100,16 @@ class ExportedModel:
                     ) from error
         pair = self.info["pair_lipschitz"]
         self._pair_lipschitz = None if pair is None else np.asarray(pair, np.float32)
-        self._certifier = get_certifier(self.info["threat_model"])
+        self._threat = get_threat_model(self.info["threat_model"])
+        self._certifier = self._threat.certify
         self.batch_size = int(self.info["batch_size"])
 
-    def _images(self, images) -> tuple[str, np.ndarray]:
-        array = np.asarray(images)
-        shape = tuple(self.info["input_shape"])
-        if array.shape == shape:
-            array = array[None]
-        if array.ndim != 4 or array.shape[1:] != shape:
-            raise ValueError(f"images must be [N, {', '.join(map(str, shape))}] (NHWC), got {array.shape}")
-        if array.dtype == np.uint8:
-            return "uint8", array
-        if not np.issubdtype(array.dtype, np.floating):
-            raise ValueError(f"images must be uint8 in [0, 255] or float in [0, 1], got dtype {array.dtype}")
-        array = array.astype(np.float32)
-        if array.size and not (np.all(np.isfinite(array)) and array.min() >= 0 and array.max() <= 1):
-            raise ValueError("float images must lie in [0, 1] (pixels / 255)")
-        return "float32", array
+    def _input(self, images):
+        """uint8 or float32 images for the artifacts, and the distance of float64 ones from them (or None)."""
+        return float32_input(as_images(images, self.info["input_shape"]), self._threat)
 
     def _batches(self, images):
-        kind, images = self._images(images)
+        kind = images.dtype.name  # the artifact of that dtype
         for start in range(0, len(images), self.batch_size):
             batch = images[start : start + self.batch_size]
             n, pad = len(batch), self.batch_size - len(batch)
@@ -127,14 +119,17 @@ class ExportedModel:
             yield n, logits, error
 
     def logits(self, images) -> np.ndarray:
+        """The artifact's logits [N, num_classes] (float64 images: of their float32 rounding)."""
+        images, _ = self._input(images)
         parts = [np.asarray(logits)[:n] for n, logits, _ in self._batches(images)]
         return np.concatenate(parts) if parts else np.zeros((0, self.info["num_classes"]), np.float32)
 
     def certify(self, images, eps: float | None = None, labels=None) -> dict:
-        """{"prediction", "radius", "certified"} (+ "correct", "label"), as certjax.api's certify."""
+        """{"prediction", "radius", "certified"} (+ "correct", "label"), as certjax.restore's certify."""
         eps = self.info["eps"] if eps is None else float(eps)
         if not (math.isfinite(eps) and eps >= 0):
             raise ValueError(f"eps must be a finite number >= 0 (pixel units), got {eps}")
+        images, distance = self._input(images)
         parts = []
         for n, logits, error in self._batches(images):
             prediction = np.asarray(logits).argmax(-1).astype(np.int32)
@@ -151,6 +146,8 @@ class ExportedModel:
             raise ValueError("no images to certify (an empty batch)")
         prediction = np.concatenate([p for p, _ in parts])
         radius = np.concatenate([r for _, r in parts])
+        if distance is not None:  # float64 input: certified around its float32 rounding, minus the distance
+            radius = radius_after_input_rounding(radius, distance)
         # the margin certificate (the l_inf families' interval bounds need the model code: certjax.restore)
         out = {"prediction": prediction, "radius": radius, "certified": radius > round_up_float32(eps)}
         if labels is not None:

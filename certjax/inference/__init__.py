@@ -1,0 +1,4 @@
+"""Using a trained model (shared/DESIGN.md, "Layout"): `restore` (a checkpoint with its certificate bounds,
+certjax.restore), `certify_files` (launch.py --mode=certify), `export` (python -m certjax.export) and
+`exported` (certjax.load_exported: certify with jax and numpy only). This package imports nothing itself, so
+that `import certjax.inference.exported` never pulls in flax."""

@@ -1,0 +1,73 @@
+"""The images a user gives to a trained model (certjax.restore, certjax.load_exported, --mode=certify):
+checked once, and float64 ones rounded to float32 with the rounding made part of the certificate.
+
+The certifying forward takes uint8 or float32 images. A float64 image x64 is certified as the float32 image
+x32 it rounds to; the radius reported for x64 is the radius proved around x32 minus an upper bound of
+||x64 - x32|| in the threat model's norm (certjax.certify.threat_models.radius_after_input_rounding), so a
+certificate never claims more for the image the user gave. For a 32x32x3 image that distance is at most
+2^-25 per pixel (l_inf) or sqrt(3072) 2^-25 ~ 1.7e-6 (l_2).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from certjax.certify.threat_models import ThreatModel, input_rounding_distance
+
+IMAGE_SHAPE = (32, 32, 3)
+
+
+def as_images(images, image_shape=IMAGE_SHAPE) -> np.ndarray:
+    """Check a user's images and bring them to one of the dtypes a trained model takes.
+
+    Args:
+      images: numpy / jax uint8 [N, H, W, C] in [0, 255] or float in [0, 1] (one image [H, W, C] too);
+        integer dtypes in [0, 255] are taken as uint8.
+      image_shape: (H, W, C) the model takes.
+    Returns:
+      A numpy batch: uint8, float32, or float64 for float64 input (kept, so that its rounding to float32 can
+      be accounted for: `float32_input`). Anything else raises ValueError naming the fix.
+    """
+    image_shape = tuple(image_shape)
+    array = np.asarray(images)
+    if array.shape == image_shape:
+        array = array[None]
+    if array.ndim != 4 or array.shape[1:] != image_shape:
+        hint = " (channels first? use images.transpose(0, 2, 3, 1))" if array.shape[1:2] == (3,) else ""
+        dims = ", ".join(str(n) for n in image_shape)
+        raise ValueError(f"images must be [N, {dims}] (NHWC, RGB), got shape {array.shape}{hint}")
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == bool or not (
+        np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)
+    ):
+        raise ValueError(f"images must be uint8 in [0, 255] or float in [0, 1], got dtype {array.dtype}")
+    if np.issubdtype(array.dtype, np.integer):
+        if array.size and (array.min() < 0 or array.max() > 255):
+            raise ValueError("integer images must lie in [0, 255]")
+        return array.astype(np.uint8)
+    if array.dtype.itemsize > 8:  # its rounding to float64 would go unaccounted for
+        raise ValueError(f"float images must be float16, float32 or float64, got {array.dtype}")
+    # float16 / float32 are exact in float32; float64 is kept, so that its rounding is certified
+    array = array.astype(np.float32 if array.dtype.itemsize <= 4 else np.float64)
+    if array.size and not (np.all(np.isfinite(array)) and array.min() >= 0.0 and array.max() <= 1.0):
+        raise ValueError(
+            "float images must lie in [0, 1] (pixels / 255); for values in [0, 255] pass them as uint8"
+        )
+    return array
+
+
+def float32_input(images: np.ndarray, threat_model: ThreatModel):
+    """The images the certifying forward takes, and how far the user's images lie from them.
+
+    Args:
+      images: a batch from `as_images`.
+      threat_model: whose norm measures the distance.
+    Returns:
+      (uint8 or float32 images, distance): distance is None when nothing was rounded (uint8, float32), else
+      [N] float32 upper bounds of ||x64 - x32|| in pixel units (input_rounding_distance).
+    """
+    if images.dtype != np.float64:
+        return images, None
+    rounded = images.astype(np.float32)
+    return rounded, input_rounding_distance(images, rounded, threat_model)
