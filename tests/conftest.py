@@ -58,40 +58,40 @@ def run_launch(config: str, workdir, *overrides: str, mode: str = "train", devic
 
 # Tiny models of every family, trained for a few steps on the embedded real CIFAR-10 sample, with their
 # orbax checkpoints in a workdir as launch.py leaves them: for the API, --mode=certify and export tests.
-_LINF_TINY = {"model.depth": 3, "model.width": 32, "certify.eps": 2 / 255}
-TINY_RUNS = {
-    "linf_dist": ("configs/linf_dist.py", "demo", _LINF_TINY),
-    "sortnet": ("configs/sortnet.py", "demo,nodropout", _LINF_TINY),
-    "lot": ("configs/lot.py", "S,demo,cosine",
-            {"model.init_channels": 4, "optimizer.lr": 0.05, "certify.eps": 0.02}),
-    "liresnet": ("configs/liresnet.py", "XS,demo",
-                 {"model.width": 8, "model.neck_features": 32, "model.eval_power_iterations": 50,
-                  "optimizer.warmup_epochs": 0, "certify.eps": 0.02}),
-    "liresnet_pp": ("configs/liresnet_pp.py", "demo",
-                    {"model.width": 8, "model.neck_features": 32, "model.eval_power_iterations": 50,
-                     "optimizer.warmup_epochs": 0, "certify.eps": 0.02}),
-}  # fmt: skip
+# Found from the config files: every configs/<family>.py with a "tiny" variant gives one, its config
+# get_config("demo,tiny") (a new family is one model file and one config file; tests/test_tiny_runs.py).
+TINY_VARIANT = "demo,tiny"
+
+
+def load_config_module(path: Path):
+    """A config file as launch.py's --config reads it: the module at `path`, by path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def discover_tiny_runs(configs: Path = REPO / "configs") -> dict[str, tuple[str, str]]:
+    """family (the config file's stem) -> (config path relative to the repo, variant), for every config file
+    in `configs` whose VARIANTS name "tiny"; common.py holds no family."""
+    runs = {}
+    for path in sorted(configs.glob("*.py")):
+        if path.stem in {"__init__", "common"}:
+            continue
+        if "tiny" in getattr(load_config_module(path), "VARIANTS", ()):
+            relative = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+            runs[path.stem] = (str(relative), TINY_VARIANT)
+    return runs
+
+
+TINY_RUNS = discover_tiny_runs()
 
 
 def _tiny_config(family: str):
-    import importlib.util
-
-    path, variant, overrides = TINY_RUNS[family]
-    spec = importlib.util.spec_from_file_location(f"_tiny_{family}", REPO / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(variant)
-    settings = {
-        "train.epochs": 1, "train.batch_size": 64, "data.real_subset": 256, "train.eval_batch_size": 250,
-        "train.eval_subset": 250, "checkpoint.every_epochs": 1, **overrides,
-    }  # fmt: skip
-    for key, value in settings.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
-    return config
+    path, variant = TINY_RUNS[family]
+    return load_config_module(REPO / path).get_config(variant)
 
 
 _TRAINED: dict = {}
