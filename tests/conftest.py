@@ -97,13 +97,35 @@ def _tiny_config(family: str):
 _TRAINED: dict = {}
 
 
-def trained_workdir(family: str, root) -> Path:
-    """A workdir with a checkpoint of a tiny `family` model (trained once per test session)."""
-    if family not in _TRAINED:
-        from certjax import train
+def _train_tiny(family: str, workdir: Path) -> None:
+    from certjax import train
 
+    train.train_and_evaluate(_tiny_config(family), str(workdir))
+
+
+def trained_workdir(family: str, root, shared=None) -> Path:
+    """A workdir in `root` with a checkpoint of a tiny `family` model, trained once per test session.
+
+    With `shared` (a directory every pytest-xdist worker of the session sees), the first worker to ask
+    trains it there while the others wait on a file lock, and each worker copies the result into its own
+    `root`: on 2 cores both workers used to train the same tiny runs, and the copy keeps what one worker
+    writes beside a checkpoint (an evaluation's radii) away from the other's."""
+    if family not in _TRAINED:
         workdir = Path(root) / family
-        train.train_and_evaluate(_tiny_config(family), str(workdir))
+        if shared is None:
+            _train_tiny(family, workdir)
+        else:
+            import fcntl
+            import shutil
+
+            trained, done = Path(shared) / family, Path(shared) / f"{family}.done"
+            with open(Path(shared) / f"{family}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if training raises
+                if not done.exists():
+                    shutil.rmtree(trained, ignore_errors=True)  # a worker that failed half way
+                    _train_tiny(family, trained)
+                    done.touch()
+            shutil.copytree(trained, workdir)
         _TRAINED[family] = workdir
     return _TRAINED[family]
 
@@ -113,9 +135,14 @@ def _session_fixture():
 
     @pytest.fixture(scope="session")
     def tiny_run(tmp_path_factory):
-        """family -> workdir of a tiny trained model (trained on first use, once per test session)."""
+        """family -> workdir of a tiny trained model (trained on first use, once per test session, shared
+        by the pytest-xdist workers)."""
         root = tmp_path_factory.mktemp("tiny_runs")
-        return lambda family: trained_workdir(family, root)
+        shared = None
+        if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers' base temps share the session's parent
+            shared = tmp_path_factory.getbasetemp().parent / "tiny_runs_shared"
+            shared.mkdir(exist_ok=True)
+        return lambda family: trained_workdir(family, root, shared)
 
     return tiny_run
 
