@@ -90,6 +90,18 @@ def use_demo_data(config, *, depth: int, width: int) -> None:
     config.checkpoint.every_epochs = 4
 
 
+def use_tiny_run(config) -> None:
+    """The tests' tiny run (tests/conftest.py trains one per family from "demo,tiny"): 1 epoch of 4 steps at
+    batch 64 on 256 training images, 250 test images in one evaluation batch, a checkpoint at the end.
+    Seconds on a CPU; each family's `tiny` also shrinks its net after this."""
+    config.train.epochs = 1
+    config.train.batch_size = 64
+    config.data.real_subset = 256
+    config.train.eval_batch_size = 250
+    config.train.eval_subset = 250
+    config.checkpoint.every_epochs = 1
+
+
 def parse_variant(arg: str, valid: set[str]) -> set[str]:
     """'a,b' -> {'a', 'b'}; an unknown part raises naming the valid ones."""
     parts = {part.strip() for part in (arg or "").split(",") if part.strip()}

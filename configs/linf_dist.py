@@ -4,18 +4,21 @@
   python launch.py --config=configs/linf_dist.py:v1 --workdir=runs/linf_dist_v1    # ICML'21 recipe
   python launch.py --config=configs/linf_dist.py:v2,cifar100 --workdir=runs/linf_dist_c100
   python launch.py --config=configs/linf_dist.py:demo --workdir=runs/demo      # CPU, minutes, offline
+  python launch.py --config=configs/linf_dist.py:demo,tiny --workdir=runs/tiny # the tests' tiny run, seconds
 
 Variants (comma separated): "v2" (default: zbh2047/L_inf-dist-net-v2, Adam, mixture loss) or "v1"
 (zbh2047/L_inf-dist-net, the recipe of the seed paper's Table 1 row: its l_p AdamW, lr held then cosine,
-hinge loss on worst-case margins), "cifar100", "demo" (embedded 5k/1k CIFAR-10 sample, small net, few epochs).
+hinge loss on worst-case margins), "cifar100", "demo" (embedded 5k/1k CIFAR-10 sample, small net, few epochs),
+"tiny" (the tests' tiny run, tests/conftest.py: 1 epoch of 4 steps at batch 64 on 256 images, 250 test images,
+depth 3, width 32, certify.eps 2/255; with "demo" for the embedded sample).
 Both certify by the margin and by interval bounds (certify.method = "both").
 """
 
 from __future__ import annotations
 
-from configs.common import get_common, parse_variant, use_cifar100_linf, use_demo_data
+from configs.common import get_common, parse_variant, use_cifar100_linf, use_demo_data, use_tiny_run
 
-VARIANTS = {"v1", "v2", "cifar100", "demo"}
+VARIANTS = {"v1", "v2", "cifar100", "demo", "tiny"}
 
 
 def get_config(arg: str = ""):
@@ -48,6 +51,11 @@ def get_config(arg: str = ""):
         use_cifar100_linf(config)
     if "demo" in parts:
         use_demo_data(config, depth=5, width=256)
+    if "tiny" in parts:
+        use_tiny_run(config)
+        config.model.depth = 3
+        config.model.width = 32
+        config.certify.eps = 2 / 255
     return config
 
 

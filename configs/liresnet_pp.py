@@ -7,9 +7,12 @@ layers"), l_2 eps 36/255.
   python launch.py --config=configs/liresnet_pp.py:cifar100 --workdir=runs/liresnet_pp_c100 \\
       --config.data.generated=/data/cifar100_edm_5m.npz
   python launch.py --config=configs/liresnet_pp.py:demo --workdir=runs/liresnet_pp_demo   # CPU, offline
+  python launch.py --config=configs/liresnet_pp.py:demo,tiny --workdir=runs/liresnet_pp_tiny  # tiny test run
 
 Variants (comma separated): cifar10 (default) | cifar100, demo (embedded 5k/1k sample, depth 2, width 16, a
-2 x 64 CHORD MLP, 16 epochs at batch 128, real data only: CPU minutes).
+2 x 64 CHORD MLP, 16 epochs at batch 128, real data only: CPU minutes), tiny (the tests' tiny run,
+tests/conftest.py: 1 epoch of 4 steps at batch 64 on 256 images, 250 test images, width 8, neck 32, 50 power
+iterations before evaluation, no warmup, certify.eps 0.02; with demo for the embedded sample).
 
 Paper sizes: depth 12, width 512, neck dense 16 * 512 -> 2048, CHORD MLP 8 x 2048, LLN head; 10 power
 iterations per step, 500 before evaluation. Every step takes 256 real and 768 generated images (batch 1024,
@@ -29,9 +32,9 @@ orthogonalised weight as applied); certjax/models/liresnet_pp.py.
 
 from __future__ import annotations
 
-from configs.common import get_common, parse_variant
+from configs.common import get_common, parse_variant, use_tiny_run
 
-VARIANTS = {"cifar10", "cifar100", "demo"}
+VARIANTS = {"cifar10", "cifar100", "demo", "tiny"}
 EPS = 36 / 255  # configs/cifar10.yaml gloro.eps 0.1411764705882353
 
 
@@ -99,4 +102,11 @@ def get_config(arg: str = "cifar10"):
         config.train.eval_every_epochs = 4
         config.optimizer.warmup_epochs = 1
         config.checkpoint.every_epochs = 4
+    if "tiny" in parts:
+        use_tiny_run(config)
+        config.model.width = 8
+        config.model.neck_features = 32
+        config.model.eval_power_iterations = 50
+        config.optimizer.warmup_epochs = 0
+        config.certify.eps = 0.02
     return config

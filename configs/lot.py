@@ -4,19 +4,22 @@
   python launch.py --config=configs/lot.py:M,cosine --workdir=runs/lot_m_cos    # LipConvNet-20, cosine
   python launch.py --config=configs/lot.py:L,cifar100 --workdir=runs/lot_l_c100
   python launch.py --config=configs/lot.py:S,demo --workdir=runs/lot_demo       # CPU, minutes, offline
+  python launch.py --config=configs/lot.py:demo,tiny --workdir=runs/lot_tiny    # the tests' tiny run
 
 Variants: size S | M | L (LipConvNet-10/20/40, default S), schedule multistep (the original: per step x0.1 at
 50 % and 75 % of training) | cosine (the seed paper's alternative), cifar100, lln (normalised last layer
-instead of the 1x1 LOT layer), demo (embedded sample, init_channels 8, a few epochs).
+instead of the 1x1 LOT layer), demo (embedded sample, init_channels 8, a few epochs), tiny (the tests' tiny
+run, tests/conftest.py: 1 epoch of 4 steps at batch 64 on 256 images, 250 test images, init_channels 4, the
+cosine schedule at lr 0.05, certify.eps 0.02, so not with multistep; with demo for the embedded sample).
 
 Recipe: SGD 0.1, momentum 0.9, no weight decay, batch 256, 200 epochs, cross-entropy.
 """
 
 from __future__ import annotations
 
-from configs.common import get_common, parse_variant, use_demo_data
+from configs.common import get_common, parse_variant, use_demo_data, use_tiny_run
 
-VARIANTS = {"S", "M", "L", "multistep", "cosine", "cifar100", "lln", "demo"}
+VARIANTS = {"S", "M", "L", "multistep", "cosine", "cifar100", "lln", "demo", "tiny"}
 
 
 def get_config(arg: str = "S"):
@@ -26,6 +29,10 @@ def get_config(arg: str = "S"):
         raise ValueError(f"choose one size of S, M, L; got {sorted(sizes)}")
     if {"multistep", "cosine"} <= parts:
         raise ValueError("choose one of 'multistep' and 'cosine'")
+    if {"tiny", "multistep"} <= parts:
+        raise ValueError("'tiny' trains with the cosine schedule; drop 'multistep'")
+    if "tiny" in parts:
+        parts.add("cosine")
     config = get_common()
     config.family = "lot"
     config.variant = arg or ""
@@ -59,4 +66,9 @@ def get_config(arg: str = "S"):
         config.model.init_channels = 8
         config.train.epochs = 8
         config.train.batch_size = 128
+    if "tiny" in parts:
+        use_tiny_run(config)
+        config.model.init_channels = 4
+        config.optimizer.lr = 0.05
+        config.certify.eps = 0.02
     return config

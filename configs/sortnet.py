@@ -4,23 +4,33 @@
   python launch.py --config=configs/sortnet.py:nodropout --workdir=runs/sortnet_exact  # seed's w/o dropout
   python launch.py --config=configs/sortnet.py:dropout,cifar100 --workdir=runs/sortnet_c100
   python launch.py --config=configs/sortnet.py:demo --workdir=runs/sortnet_demo       # CPU, minutes, offline
+  python launch.py --config=configs/sortnet.py:demo,tiny --workdir=runs/sortnet_tiny  # the tests' tiny run
 
 Without --config.data.generated the run uses real data only (and says so). The default data is CIFAR from
 tensorflow-datasets; offline, pass --config.data.real=... (see README). zbh2047/SortNet has no CIFAR-100
 recipe: "cifar100" keeps the CIFAR-10 hyperparameters with 100 classes and CIFAR-100's normalisation.
+
+Variants (comma separated): "dropout" (default) or "nodropout", "cifar100", "demo" (embedded 5k/1k CIFAR-10
+sample, depth 4, width 128, 16 epochs), "tiny" (the tests' tiny run, tests/conftest.py: 1 epoch of 4 steps at
+batch 64 on 256 images, 250 test images, depth 3, width 32, certify.eps 2/255, without dropout, so not with
+"dropout"; with "demo" for the embedded sample).
 """
 
 from __future__ import annotations
 
-from configs.common import get_common, parse_variant, use_cifar100_linf, use_demo_data
+from configs.common import get_common, parse_variant, use_cifar100_linf, use_demo_data, use_tiny_run
 
-VARIANTS = {"dropout", "nodropout", "cifar100", "demo"}
+VARIANTS = {"dropout", "nodropout", "cifar100", "demo", "tiny"}
 
 
 def get_config(arg: str = "dropout"):
     parts = parse_variant(arg, VARIANTS)
     if {"dropout", "nodropout"} <= parts:
         raise ValueError("choose one of 'dropout' and 'nodropout'")
+    if {"tiny", "dropout"} <= parts:
+        raise ValueError("'tiny' trains without dropout ('nodropout'); drop 'dropout'")
+    if "tiny" in parts:
+        parts.add("nodropout")
     config = get_common()
     config.family = "sortnet"
     config.variant = arg or ""
@@ -59,4 +69,9 @@ def get_config(arg: str = "dropout"):
         use_cifar100_linf(config)
     if "demo" in parts:
         use_demo_data(config, depth=4, width=128)
+    if "tiny" in parts:
+        use_tiny_run(config)
+        config.model.depth = 3
+        config.model.width = 32
+        config.certify.eps = 2 / 255
     return config

@@ -76,52 +76,74 @@ def run_launch(config: str, workdir, *overrides: str, mode: str = "train", devic
 
 # Tiny models of every family, trained for a few steps on the embedded real CIFAR-10 sample, with their
 # orbax checkpoints in a workdir as launch.py leaves them: for the API, --mode=certify and export tests.
-_LINF_TINY = {"model.depth": 3, "model.width": 32, "certify.eps": 2 / 255}
-TINY_RUNS = {
-    "linf_dist": ("configs/linf_dist.py", "demo", _LINF_TINY),
-    "sortnet": ("configs/sortnet.py", "demo,nodropout", _LINF_TINY),
-    "lot": ("configs/lot.py", "S,demo,cosine",
-            {"model.init_channels": 4, "optimizer.lr": 0.05, "certify.eps": 0.02}),
-    "liresnet": ("configs/liresnet.py", "XS,demo",
-                 {"model.width": 8, "model.neck_features": 32, "model.eval_power_iterations": 50,
-                  "optimizer.warmup_epochs": 0, "certify.eps": 0.02}),
-    "liresnet_pp": ("configs/liresnet_pp.py", "demo",
-                    {"model.width": 8, "model.neck_features": 32, "model.eval_power_iterations": 50,
-                     "optimizer.warmup_epochs": 0, "certify.eps": 0.02}),
-}  # fmt: skip
+# Found from the config files: every configs/<family>.py with a "tiny" variant gives one, its config
+# get_config("demo,tiny") (a new family is one model file and one config file; tests/test_tiny_runs.py).
+TINY_VARIANT = "demo,tiny"
+
+
+def load_config_module(path: Path):
+    """A config file as launch.py's --config reads it: the module at `path`, by path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def discover_tiny_runs(configs: Path = REPO / "configs") -> dict[str, tuple[str, str]]:
+    """family (the config file's stem) -> (config path relative to the repo, variant), for every config file
+    in `configs` whose VARIANTS name "tiny"; common.py holds no family."""
+    runs = {}
+    for path in sorted(configs.glob("*.py")):
+        if path.stem in {"__init__", "common"}:
+            continue
+        if "tiny" in getattr(load_config_module(path), "VARIANTS", ()):
+            relative = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+            runs[path.stem] = (str(relative), TINY_VARIANT)
+    return runs
+
+
+TINY_RUNS = discover_tiny_runs()
 
 
 def _tiny_config(family: str):
-    import importlib.util
-
-    path, variant, overrides = TINY_RUNS[family]
-    spec = importlib.util.spec_from_file_location(f"_tiny_{family}", REPO / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(variant)
-    settings = {
-        "train.epochs": 1, "train.batch_size": 64, "data.real_subset": 256, "train.eval_batch_size": 250,
-        "train.eval_subset": 250, "checkpoint.every_epochs": 1, **overrides,
-    }  # fmt: skip
-    for key, value in settings.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
-    return config
+    path, variant = TINY_RUNS[family]
+    return load_config_module(REPO / path).get_config(variant)
 
 
 _TRAINED: dict = {}
 
 
-def trained_workdir(family: str, root) -> Path:
-    """A workdir with a checkpoint of a tiny `family` model (trained once per test session)."""
-    if family not in _TRAINED:
-        from certjax import train
+def _train_tiny(family: str, workdir: Path) -> None:
+    from certjax import train
 
+    train.train_and_evaluate(_tiny_config(family), str(workdir))
+
+
+def trained_workdir(family: str, root, shared=None) -> Path:
+    """A workdir in `root` with a checkpoint of a tiny `family` model, trained once per test session.
+
+    With `shared` (a directory every pytest-xdist worker of the session sees), the first worker to ask
+    trains it there while the others wait on a file lock, and each worker copies the result into its own
+    `root`: on 2 cores both workers used to train the same tiny runs, and the copy keeps what one worker
+    writes beside a checkpoint (an evaluation's radii) away from the other's."""
+    if family not in _TRAINED:
         workdir = Path(root) / family
-        train.train_and_evaluate(_tiny_config(family), str(workdir))
+        if shared is None:
+            _train_tiny(family, workdir)
+        else:
+            import fcntl
+            import shutil
+
+            trained, done = Path(shared) / family, Path(shared) / f"{family}.done"
+            with open(Path(shared) / f"{family}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if training raises
+                if not done.exists():
+                    shutil.rmtree(trained, ignore_errors=True)  # a worker that failed half way
+                    _train_tiny(family, trained)
+                    done.touch()
+            shutil.copytree(trained, workdir)
         _TRAINED[family] = workdir
     return _TRAINED[family]
 
@@ -131,9 +153,14 @@ def _session_fixture():
 
     @pytest.fixture(scope="session")
     def tiny_run(tmp_path_factory):
-        """family -> workdir of a tiny trained model (trained on first use, once per test session)."""
+        """family -> workdir of a tiny trained model (trained on first use, once per test session, shared
+        by the pytest-xdist workers)."""
         root = tmp_path_factory.mktemp("tiny_runs")
-        return lambda family: trained_workdir(family, root)
+        shared = None
+        if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers' base temps share the session's parent
+            shared = tmp_path_factory.getbasetemp().parent / "tiny_runs_shared"
+            shared.mkdir(exist_ok=True)
+        return lambda family: trained_workdir(family, root, shared)
 
     return tiny_run
 
