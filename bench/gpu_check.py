@@ -16,7 +16,7 @@ Sections (rows of one table; progress goes to stderr):
               the layer (certjax.certify.interval.lp_distance_bounds, box x +- 0.1), Pallas bounds kernel and
               jnp,
               forward only (the kernel's backward is the jnp path's), elements/s counting B*I*O once;
-  throughput  one train step (certjax.train.Experiment.train_step: augmentation, forward, loss, backward,
+  throughput  one train step (certjax.train.Trainer.train_step: augmentation, forward, loss, backward,
               optimiser) of each family at its paper size on random uint8 batches of the config's batch size
               (no dataset: the embedded demo test split only gives Experiment its class count), img/s after
               compilation and the device's peak memory; the l_inf families at a p of the l_p phase and at
@@ -248,13 +248,14 @@ def kernel_worker(plan: Plan, smoke: bool) -> None:
 
 
 def family_worker(plan: Plan, spec: str, smoke: bool) -> None:
-    """img/s of Experiment.train_step at the config's size and batch, and the device's peak memory."""
+    """img/s of Trainer.train_step at the config's size and batch, and the device's peak memory."""
     import jax
     import numpy as np
 
+    from certjax.experiment import Experiment
     from certjax.kernels import autoselect
     from certjax.optim import schedules
-    from certjax.train import Experiment
+    from certjax.train import Trainer
 
     name, _, variant = spec.partition(":")
     if smoke:
@@ -264,7 +265,8 @@ def family_worker(plan: Plan, spec: str, smoke: bool) -> None:
     if smoke:
         config.train.batch_size = 8
     batch_size = config.train.batch_size
-    exp = Experiment(config, need_train_data=False)
+    exp = Experiment(config, data="test")
+    trainer = Trainer(exp)
     rng = np.random.default_rng(0)
     batch = exp.global_batch(
         {
@@ -284,18 +286,18 @@ def family_worker(plan: Plan, spec: str, smoke: bool) -> None:
         schedule_points.setdefault(values["p"], {k: np.float32(v) for k, v in values.items()})
     results, compile_seconds = [], None
     for p, schedule in schedule_points.items():
-        state, metrics = exp.train_step(state, batch, schedule)  # compiles once (p is traced)
+        state, metrics = trainer.train_step(state, batch, schedule)  # compiles once (p is traced)
         jax.block_until_ready(state)
         if compile_seconds is None:
             compile_seconds = time.perf_counter() - start
         begin = time.perf_counter()
-        state, metrics = exp.train_step(state, batch, schedule)
+        state, metrics = trainer.train_step(state, batch, schedule)
         jax.block_until_ready(state)
         # enough steps for measure_seconds, dispatched back to back as in training, synchronised once
         steps = max(3, int(plan.measure_seconds / max(time.perf_counter() - begin, 1e-6)))
         begin = time.perf_counter()
         for _ in range(steps):
-            state, metrics = exp.train_step(state, batch, schedule)
+            state, metrics = trainer.train_step(state, batch, schedule)
         jax.block_until_ready(state)
         seconds = time.perf_counter() - begin
         loss = float(metrics.compute()["loss"])
@@ -312,7 +314,7 @@ def family_worker(plan: Plan, spec: str, smoke: bool) -> None:
         detail[0] += " (auto's checks included)"
         detail.append(f"auto: {on_candidate} of {len(decided)} distance configurations on Pallas")
     try:  # what the step itself needs, from XLA's buffer assignment (the compilation is cached)
-        memory = exp.train_step.lower(state, batch, schedule).compile().memory_analysis()
+        memory = trainer.train_step.lower(state, batch, schedule).compile().memory_analysis()
         need = (
             memory.argument_size_in_bytes
             + memory.output_size_in_bytes

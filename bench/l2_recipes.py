@@ -1,7 +1,7 @@
 """Training-step throughput of LiResNet++ (CHORD) against the seed's LiResNet, side by side in one run, at the
 small matched sizes of experiments/l2_recipes.py (about 340k-356k parameters) or at any other width / depth.
 
-Each figure is certjax's own jitted training step (Experiment.train_step: per-source augmentation, forward,
+Each figure is certjax's own jitted training step (Trainer.train_step: per-source augmentation, forward,
 loss, backward, optimiser) on random uint8 images, with each recipe's mix when `--pool` is given (LiResNet
 30 % real; LiResNet++ 25 % real with RandAugment on the real rows, pad 2 on the generated ones) and real
 images only otherwise.

@@ -24,7 +24,7 @@ On CPU the run ends with the acceptance ratio: naive / chosen forward + backward
   python bench/linf_dist.py --shapes 512x1024x1024 256x3072x256 --repeats 3     # CPU-sized
   python bench/linf_dist.py --train-steps --width 128 --depth 6 --batch 128 # v1 / v1 IBP / v2 train steps
 
---train-steps times whole training steps (Experiment.train_step: augmentation, forward, loss, backward,
+--train-steps times whole training steps (Trainer.train_step: augmentation, forward, loss, backward,
 optimiser) of configs/linf_dist.py:v2, :v1 (the original's hinge on Lipschitz margins) and :v1 with
 loss.bound=ibp (the hinge on interval bounds through every layer), interleaved in one run, at p = 8 and
 p = inf, and prints img/s with the ratios to v2.
@@ -119,10 +119,11 @@ def bounds_sum(x, w, p, kernel="jnp"):
 
 
 def bench_train_steps(width: int, depth: int, batch_size: int, repeats: int) -> None:
-    """img/s of Experiment.train_step for v2, v1 and v1 with IBP training, interleaved, at p = 8 and inf."""
+    """img/s of Trainer.train_step for v2, v1 and v1 with IBP training, interleaved, at p = 8 and inf."""
     import numpy as np
 
-    from certjax.train import Experiment
+    from certjax.experiment import Experiment
+    from certjax.train import Trainer
     from configs.linf_dist import get_config
 
     variants = {"v2": ("v2", {}), "v1": ("v1", {}), "v1 ibp": ("v1", {"bound": "ibp"})}
@@ -136,7 +137,8 @@ def bench_train_steps(width: int, depth: int, batch_size: int, repeats: int) -> 
         config.model.width, config.model.depth = width, depth
         config.train.batch_size = batch_size
         config.loss.update(loss)
-        exp = Experiment(config, need_train_data=False)
+        exp = Experiment(config, data="test")
+        trainer = Trainer(exp)
         batch = exp.global_batch({"image": images, "label": labels})
         setups[name] = [exp, exp.init_state(), batch]
     print(f"train steps: width {width}, depth {depth}, batch {batch_size} (best of {repeats})")
@@ -147,7 +149,7 @@ def bench_train_steps(width: int, depth: int, batch_size: int, repeats: int) -> 
                 exp, state, batch = setup
                 schedule = {"p": np.float32(p), "lam": np.float32(0.01), "eps_train": np.float32(0.1)}
                 start = time.perf_counter()
-                state, _ = exp.train_step(state, batch, schedule)
+                state, _ = trainer.train_step(state, batch, schedule)
                 jax.block_until_ready(state)
                 best[name] = min(best[name], time.perf_counter() - start)
                 setup[1] = state

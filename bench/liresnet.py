@@ -1,11 +1,11 @@
 """LiResNet (GloroNet) training-step cost on this machine, split into phases measured side by side in one run
 (XS = L6W128 at batch 256 by default).
 
-  "train step": certjax's own jitted training step (Experiment.train_step of configs/liresnet.py at this
+  "train step": certjax's own jitted training step (Trainer.train_step of configs/liresnet.py at this
             size: augmentation, forward, EMMA loss, backward, gradient clipping 3, AdamW), the figure to set
             against ../shared/bench-originals/liresnet_speed.py;
   "gradient": gradient of the EMMA loss w.r.t. the parameters with 10 warm-started power iterations per layer
-            (what Experiment.train_step computes, without the optimiser update and augmentation);
+            (what Trainer.train_step computes, without the optimiser update and augmentation);
   "fwd+bwd": the same with 0 power iterations (the estimate sigma = ||A u|| from the stored vectors only);
   "power" : the power iteration alone: 10 iterations per layer on the layer's true input shape, the estimates
             sigma = ||A u||, their product and its gradient w.r.t. the kernels (independent of the batch).
@@ -133,7 +133,7 @@ def main() -> None:
     config.model.depth, config.model.width = depth, width
     config.model.power_iterations = args.iterations
     t_train = time_train_steps(*train_step_timer(config, args.batch), repeats=args.repeats)
-    print(f"train step (Experiment.train_step):  {t_train:8.3f} s  ({args.batch / t_train:8.1f} img/s)")
+    print(f"train step (Trainer.train_step):  {t_train:8.3f} s  ({args.batch / t_train:8.1f} img/s)")
     print(f"gradient (fwd+bwd with power iter.): {t_step:8.3f} s  ({args.batch / t_step:8.1f} img/s)")
     print(f"fwd+bwd without power iteration:     {t_plain:8.3f} s  ({args.batch / t_plain:8.1f} img/s)")
     print(

@@ -1,6 +1,6 @@
 """LOT training-step cost on this machine, split into phases measured side by side in one run.
 
-  train step  certjax's own jitted step (Experiment.train_step of configs/lot.py:<size>: augmentation,
+  train step  certjax's own jitted step (Trainer.train_step of configs/lot.py:<size>: augmentation,
               forward, cross-entropy, backward, SGD momentum), the figure to set next to
               shared/bench-originals/lot_speed.py at the same size and batch.
   ortho       every layer's orthogonalisation (DFT of the kernel, Gram matrix, Newton-Schulz, W' = Z W) and
@@ -104,7 +104,7 @@ def main() -> None:
     config.model.init_channels = args.init_channels
     name = f"LOT-{args.size} (LipConvNet-{5 * lot.SIZES[args.size]}, init_channels {args.init_channels})"
     t_train = time_train_steps(*train_step_timer(config, args.batch), repeats=args.repeats)
-    print(f"{name}: train step (Experiment.train_step) {t_train:8.3f} s ({args.batch / t_train:8.1f} img/s)")
+    print(f"{name}: train step (Trainer.train_step) {t_train:8.3f} s ({args.batch / t_train:8.1f} img/s)")
 
     key = jax.random.key(0)
     iterations = config.model.iterations

@@ -20,8 +20,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from certjax.experiment import Experiment  # noqa: E402
 from certjax.optim import schedules  # noqa: E402
-from certjax.train import Experiment  # noqa: E402
+from certjax.train import Trainer  # noqa: E402
 from configs.linf_dist import get_config  # noqa: E402
 
 
@@ -48,6 +49,7 @@ def main() -> None:
         config.model.width, config.model.depth = args.width, args.depth
         config.train.batch_size = args.batch
         exp = Experiment(config)
+        trainer = Trainer(exp)
 
         iterator = exp.batches.iterate(0, args.steps + 2, threads=config.data.reader_threads)
         next(iterator)
@@ -63,12 +65,12 @@ def main() -> None:
             values = {
                 k: np.float32(v) for k, v in schedules.schedule_values(config, step, exp.total_steps).items()
             }
-            state, _ = exp.train_step(state, batch, values)  # compile / warm up
+            state, _ = trainer.train_step(state, batch, values)  # compile / warm up
             jax.block_until_ready(state.params)
             n = max(args.steps // 4, 2)
             start = time.perf_counter()
             for _ in range(n):
-                state, _ = exp.train_step(state, batch, values)
+                state, _ = trainer.train_step(state, batch, values)
             jax.block_until_ready(state.params)
             rates[label] = n * args.batch / (time.perf_counter() - start)
 

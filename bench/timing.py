@@ -20,20 +20,20 @@ def timed(fn, *args, repeats: int) -> float:
 
 
 def train_step_timer(config, batch_size: int, num_real: int | None = None):
-    """(step, state, batch, schedule) for certjax's own jitted training step (Experiment.train_step:
+    """(step, state, batch, schedule) for certjax's own jitted training step (Trainer.train_step:
     augmentation, forward, loss, backward, optimiser) on random uint8 images; the embedded demo test split
     only gives Experiment its class count (no dataset is read for training). num_real: rows taken as real
     images (the rest as generated ones, for per-source augmentation); default all."""
     import numpy as np
 
+    from certjax.experiment import Experiment
     from certjax.optim import schedules
-    from certjax.train import Experiment
+    from certjax.train import Trainer
 
     config.data.real = "demo"
     config.train.batch_size = batch_size
-    experiment = Experiment(config, need_train_data=False)
-    if num_real is not None:
-        experiment.num_real = num_real
+    experiment = Experiment(config, data="test")
+    trainer = Trainer(experiment, num_real=num_real)
     rng = np.random.default_rng(0)
     batch = experiment.global_batch(
         {
@@ -44,7 +44,7 @@ def train_step_timer(config, batch_size: int, num_real: int | None = None):
     total = experiment.total_steps
     values = schedules.schedule_values(config, total // 2, total)
     schedule = {name: np.float32(value) for name, value in values.items()}
-    return experiment.train_step, experiment.init_state(), batch, schedule
+    return trainer.train_step, experiment.init_state(), batch, schedule
 
 
 def time_train_steps(step, state, batch, schedule, repeats: int) -> float:

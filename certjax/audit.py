@@ -289,7 +289,7 @@ def audit_model(exp, state, images, labels, *, steps=100, restarts=5, targets=3,
       The report dict (see the module docstring); report["sound"] is False when anything is unsound.
     """
     started = time.perf_counter()
-    cert = exp.certify_batches(
+    cert = exp.certifier.certify_batches(
         state.params,
         state.model_state,
         [
@@ -297,7 +297,7 @@ def audit_model(exp, state, images, labels, *, steps=100, restarts=5, targets=3,
             for i in range(0, len(labels), batch_size)
         ],
     )
-    bounds = exp.certificate_bounds(state.params, state.model_state)
+    bounds = exp.certifier.certificate_bounds(state.params, state.model_state)
     audit = _start_audit(exp, state, bounds, len(labels), steps, restarts)
     pixels_all = images.astype(np.float32) / 255.0
     certified = cert["certified"].astype(bool)
@@ -319,17 +319,12 @@ def audit_model(exp, state, images, labels, *, steps=100, restarts=5, targets=3,
 
 def audit_workdir(workdir: str, checkpoint: str = "best", limit: int = 0, **kwargs) -> dict:
     """Load a checkpoint like certjax.evaluate, audit it, write the report into the workdir atomically."""
-    from certjax import checkpoints
     from certjax.data import pipeline
     from certjax.evaluate import atomic_write_bytes
-    from certjax.train import Experiment
+    from certjax.experiment import Experiment
 
-    manager = checkpoints.make_manager(workdir, read_only=True)
-    step = checkpoints.select_step(manager, checkpoint)
-    config = checkpoints.restore_config(manager, step)
-    exp = Experiment(config, need_train_data=False)
-    state = checkpoints.restore_state(manager, step, exp.abstract_restore_target())
-    manager.close()
+    exp, state, info = Experiment.from_checkpoint(workdir, checkpoint, data="test")
+    config, step = exp.config, info.step
     batches = list(
         pipeline.eval_batches(exp.sources.test, config.train.eval_batch_size, limit, seed=config.seed)
     )

@@ -19,7 +19,7 @@ BEST_METRIC = "certified_accuracy"
 
 
 class _ReadOnlyNotices(logging.Filter):
-    """orbax warns on every read-only manager (evaluation, certjax.api) that it is read-only: as asked."""
+    """orbax warns on every read-only manager (evaluation, certjax.restore) that it is read-only: as asked."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = str(record.msg)

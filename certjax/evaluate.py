@@ -22,9 +22,10 @@ import tempfile
 import jax
 import numpy as np
 
-from certjax import checkpoints
+from certjax.certify.certifier import radii_of
 from certjax.data import pipeline
 from certjax.data.sources import SubsetSource, subset_indices
+from certjax.experiment import Experiment
 from certjax.writers import console
 
 
@@ -63,9 +64,6 @@ def save_radii(path: str, results: dict[str, np.ndarray]) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-DEFAULT_RADIUS_FACTORS = (0.0, 0.5, 1.0, 1.5, 2.0)
-
-
 def certified_accuracy_at(correct, radius, radii) -> dict[str, float]:
     """{f"{r:.6g}": fraction of points correct with certified radius > r} (r = 0: clean accuracy).
 
@@ -81,14 +79,14 @@ def certified_accuracy_at(correct, radius, radii) -> dict[str, float]:
     return out
 
 
-def by_method_records(exp, results, radii) -> dict:
+def by_method_records(certifier, results, radii) -> dict:
     """With interval bounds (certify.method ibp | both): certified accuracy by the margin alone, by IBP alone
     and combined, at certify.eps and at every radius; `certified_at` then holds the method's own figures
     (combined for both: correct and margin radius > r, or IBP-certified at r)."""
     if "ibp_certified_at" not in results:
         return {}
     correct = np.asarray(results["correct"], bool)
-    ibp_radii = exp.ibp_radii()
+    ibp_radii = certifier.ibp_radii()
     ibp_at = {}
     for r in radii:
         r = float(r)
@@ -97,7 +95,9 @@ def by_method_records(exp, results, radii) -> dict:
     margin_at = certified_accuracy_at(correct, results["radius"], radii)
     margin_hit = {f"{float(r):.6g}": correct & (np.asarray(results["radius"]) > float(r)) for r in radii}
     combined = {
-        key: float(np.mean(ibp_at[key] if exp.certify_method == "ibp" else margin_hit[key] | ibp_at[key]))
+        key: float(
+            np.mean(ibp_at[key] if certifier.certify_method == "ibp" else margin_hit[key] | ibp_at[key])
+        )
         for key in ibp_at
     }
     return {
@@ -109,60 +109,57 @@ def by_method_records(exp, results, radii) -> dict:
     }
 
 
-def radii_of(config) -> list[float]:
-    """config.certify.radii if given, else eps times DEFAULT_RADIUS_FACTORS (pixel units)."""
-    radii = config.certify.get("radii", None)
-    if radii:
-        return [float(r) for r in radii]
-    return [float(config.certify.eps) * f for f in DEFAULT_RADIUS_FACTORS]
-
-
 def evaluate_checkpoint(workdir: str, which: str = "best", train_subset: int = 10_000) -> dict:
-    """Certify the test set with the chosen checkpoint; print and record the results."""
-    from certjax.train import (
-        Experiment,
-    )  # import here: train imports this module's helpers indirectly
+    """Certify the test set with the chosen checkpoint; print and record the results.
 
-    manager = checkpoints.make_manager(workdir, read_only=True)
-    step = checkpoints.select_step(manager, which)
-    config = checkpoints.restore_config(manager, step)
-    exp = Experiment(config, need_train_data=False)
-    state = checkpoints.restore_state(manager, step, exp.abstract_restore_target())
-    saved_metrics = manager.metrics(step) or {}
-    best = checkpoints.best_step(manager)
-    best_epoch = int((manager.metrics(best) or {}).get("epoch", 0)) if best is not None else 0
-    last_epoch = int((manager.metrics(manager.latest_step()) or {}).get("epoch", 0))
-    manager.close()
-
+    Args:
+      workdir: the training workdir.
+      which: "best", "last" or a step.
+      train_subset: size of the fixed random subset of real training images for the train accuracy (0: all).
+    Returns:
+      the results record (also appended to <workdir>/results.jsonl).
+    """
+    exp, state, info = Experiment.from_checkpoint(workdir, which, data="test")
+    config, certifier = exp.config, exp.certifier
     test_batches = pipeline.eval_batches(exp.sources.test, config.train.eval_batch_size)
-    results = exp.certify_batches(state.params, state.model_state, test_batches, every_radius=True)
-    clean = float(results["correct"].mean())
-    certified = float(results["certified"].mean())
-    bounds_report = dict(exp.last_bounds_report)
+    results = certifier.certify_batches(state.params, state.model_state, test_batches, every_radius=True)
+    bounds_report = dict(certifier.last_bounds_report)
 
     # Training accuracy (for the generalisation gap) on a fixed random subset of the real training images:
     # image-folder sources are ordered by class, so their first N would be a few classes only.
     train = pipeline.make_sources(config, need_train=True, need_generated=False).train
     if train_subset and train_subset < len(train):
         train = SubsetSource(train, subset_indices(len(train), train_subset, "random", config.seed))
-    train_eval = exp.evaluate_source(state, train)
+    train_eval = certifier.evaluate_source(state, train)
 
-    radii_path = os.path.join(os.path.abspath(workdir), "eval", f"radii_step{step}.npz")
+    radii_path = os.path.join(os.path.abspath(workdir), "eval", f"radii_step{info.step}.npz")
     if jax.process_index() == 0:
         save_radii(radii_path, results)
-    generated_count = 0
-    if config.data.get("generated", ""):
-        from certjax.data.sources import GeneratedNpzSource
+    record = results_record(exp, which, info, results, train_eval, bounds_report)
+    record["radii_path"] = radii_path
+    record["time"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    if jax.process_index() == 0:
+        append_record(os.path.join(workdir, "results.jsonl"), record)
+    _print_record(record, which, bounds_report)
+    return record
 
-        generated_count = len(
-            GeneratedNpzSource(
-                config.data.generated,
-                exp.num_classes,
-                limit=config.data.get("generated_limit", 0) or None,
-                seed=config.seed,
-            )
-        )
-    record = {
+
+def _generated_count(exp) -> int:
+    config = exp.config
+    if not config.data.get("generated", ""):
+        return 0
+    from certjax.data.sources import GeneratedNpzSource
+
+    limit = config.data.get("generated_limit", 0) or None
+    return len(GeneratedNpzSource(config.data.generated, exp.num_classes, limit=limit, seed=config.seed))
+
+
+def results_record(exp, which: str, info, results: dict, train_eval: dict, bounds_report: dict) -> dict:
+    """The results record of one evaluation (without its radii path and time)."""
+    config = exp.config
+    generated_count = _generated_count(exp)
+    radii = radii_of(config)
+    return {
         "family": config.get("family", config.model.name),
         "threat_model": exp.family.THREAT_MODEL,
         "variant": config.get("variant", ""),
@@ -175,19 +172,19 @@ def evaluate_checkpoint(workdir: str, which: str = "best", train_subset: int = 1
         "seed": int(config.seed),
         "eps": float(config.certify.eps),
         "checkpoint": which,
-        "step": int(step),
-        "epoch": int(saved_metrics.get("epoch", 0)),
-        "best_epoch": best_epoch,
-        "last_epoch": last_epoch,
-        "clean_accuracy": clean,
-        "certified_accuracy": certified,
+        "step": int(info.step),
+        "epoch": int(info.metrics.get("epoch", 0)),
+        "best_epoch": info.best_epoch,
+        "last_epoch": info.last_epoch,
+        "clean_accuracy": float(results["correct"].mean()),
+        "certified_accuracy": float(results["certified"].mean()),
         "train_clean_accuracy": train_eval["clean_accuracy"],
         "train_certified_accuracy": train_eval["certified_accuracy"],
-        "train_accuracy_last_epoch": float(saved_metrics.get("train_accuracy", float("nan"))),
+        "train_accuracy_last_epoch": float(info.metrics.get("train_accuracy", float("nan"))),
         "num_test": int(len(results["label"])),
         "certify_method": exp.certify_method,
-        "certified_at": certified_accuracy_at(results["correct"], results["radius"], radii_of(config)),
-        **by_method_records(exp, results, radii_of(config)),
+        "certified_at": certified_accuracy_at(results["correct"], results["radius"], radii),
+        **by_method_records(exp.certifier, results, radii),
         # Families with measured bounds (LOT, LiResNet): certified accuracy under the bound the architecture
         # promises (e.g. exactly orthogonal layers) next to the measured one above, and the measured figures.
         **(
@@ -196,21 +193,21 @@ def evaluate_checkpoint(workdir: str, which: str = "best", train_subset: int = 1
             else {}
         ),
         **({"lipschitz": bounds_report} if bounds_report else {}),
-        "radii_path": radii_path,
-        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    if jax.process_index() == 0:
-        append_record(os.path.join(workdir, "results.jsonl"), record)
+
+
+def _print_record(record: dict, which: str, bounds_report: dict) -> None:
+    clean, certified = record["clean_accuracy"], record["certified_accuracy"]
     console(
-        f"evaluate {which} checkpoint (step {step}, epoch {record['epoch']}): "
+        f"evaluate {which} checkpoint (step {record['step']}, epoch {record['epoch']}): "
         f"clean accuracy {clean:.4f}, certified accuracy {certified:.4f} at eps "
-        f"{config.certify.eps:.5f} ({record['num_test']} test images); train clean "
-        f"{train_eval['clean_accuracy']:.4f}"
+        f"{record['eps']:.5f} ({record['num_test']} test images); train clean "
+        f"{record['train_clean_accuracy']:.4f}"
     )
     if "certified_accuracy_ibp" in record:
         console(
             f"  certified by the margin {record['certified_accuracy_margin']:.4f}, by interval bounds "
-            f"{record['certified_accuracy_ibp']:.4f}, {exp.certify_method}: {certified:.4f}"
+            f"{record['certified_accuracy_ibp']:.4f}, {record['certify_method']}: {certified:.4f}"
         )
     if "certified_accuracy_assumed" in record:
         console(
@@ -218,4 +215,3 @@ def evaluate_checkpoint(workdir: str, which: str = "best", train_subset: int = 1
             f" (assumed {bounds_report['lipschitz_body_assumed']}); certified accuracy with the "
             f"assumed bound {record['certified_accuracy_assumed']:.4f}"
         )
-    return record

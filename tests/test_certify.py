@@ -63,8 +63,9 @@ def tiny_trained_model():
 
 def train_tiny(config, *, depth=3, width=64, epochs=6):
     """Train a small model of any l_inf family on 1,024 embedded real images; returns (experiment, state)."""
+    from certjax.experiment import Experiment
     from certjax.optim import schedules
-    from certjax.train import Experiment
+    from certjax.train import Trainer
 
     config.model.depth = depth
     config.model.width = width
@@ -77,14 +78,15 @@ def train_tiny(config, *, depth=3, width=64, epochs=6):
     config.certify.eps = 2 / 255
     config.loss.eps_train = 6 / 255
     exp = Experiment(config)
+    trainer = Trainer(exp)
     state = exp.init_state()
     batches = exp.batches.iterate(0, exp.total_steps)
     for step in range(exp.total_steps):
         values = schedules.schedule_values(config, step, exp.total_steps)
         batch = exp.global_batch(next(batches))
-        state, _ = exp.train_step(state, batch, {k: np.float32(v) for k, v in values.items()})
-    if exp.recalibrates_statistics:
-        state = exp.recalibrate(state)
+        state, _ = trainer.train_step(state, batch, {k: np.float32(v) for k, v in values.items()})
+    if trainer.recalibrates_statistics:
+        state = trainer.recalibrate(state)
     return exp, state
 
 
@@ -110,7 +112,9 @@ def audit_with_pgd(exp, state):
         return z
 
     eps = config.certify.eps
-    cert = exp.certify_batches(state.params, state.model_state, [{"image": images, "label": labels}])
+    cert = exp.certifier.certify_batches(
+        state.params, state.model_state, [{"image": images, "label": labels}]
+    )
     assert cert["certified"].sum() >= 5, "the tiny model certifies too few points for a meaningful test"
     _, adv_margin = pgd(
         lambda _, x: logits_fn(x), None, pixels, jnp.asarray(labels), eps, jax.random.key(0),
@@ -151,7 +155,7 @@ def test_rounding_bound_covers_the_exact_float64_logits(tiny_trained_model):
     exp, state = tiny_trained_model
     images, labels = exp.sources.test.read(np.arange(0, 1000, 5))
     batch = {"image": images, "label": labels}
-    logits, logit_error = exp.eval_step(state.params, state.model_state, batch)
+    logits, logit_error = exp.certifier.eval_step(state.params, state.model_state, batch)
     mean, std = exp.config.data.mean, exp.config.data.std
     exact = _float64_logits(state.params, state.model_state, images, mean, std)
     deviation = np.abs(np.asarray(logits, np.float64) - exact).max(axis=1)

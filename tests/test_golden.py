@@ -121,18 +121,20 @@ def export_outputs(model, out_dir: Path, images, labels) -> tuple[dict, dict]:
 
 
 def train_step_outputs(workdir: Path) -> tuple[dict, dict]:
-    """One jitted train step (Experiment.train_step) on the pipeline's batch of that step, with the schedule
+    """One jitted train step (Trainer.train_step) on the pipeline's batch of that step, with the schedule
     values the training loop feeds there: from the last checkpoint's state ("restored", at its step) and from
     a fresh init ("init", step 0). The batches, the loss and metrics and every leaf of the new state."""
     from certjax import checkpoints
+    from certjax.experiment import Experiment
     from certjax.optim import schedules
-    from certjax.train import Experiment, _device_schedule
+    from certjax.train import Trainer, _device_schedule
 
     manager = checkpoints.make_manager(str(workdir), read_only=True)
     try:
         step = checkpoints.select_step(manager, "last")
         config = checkpoints.restore_config(manager, step)
         exp = Experiment(config)
+        trainer = Trainer(exp)
         restored = checkpoints.restore_state(manager, step, exp.abstract_restore_target(), announce=False)
     finally:
         manager.close()
@@ -141,7 +143,7 @@ def train_step_outputs(workdir: Path) -> tuple[dict, dict]:
         at = int(state.step)
         batch = exp.batches[at]
         schedule = schedules.schedule_values(config, at, exp.total_steps)
-        new_state, metrics = exp.train_step(state, exp.global_batch(batch), _device_schedule(schedule))
+        new_state, metrics = trainer.train_step(state, exp.global_batch(batch), _device_schedule(schedule))
         arrays.update({f"train_{name}/batch/{k}": np.asarray(v) for k, v in batch.items()})
         arrays.update(_tree_arrays(f"train_{name}/metrics/", metrics.compute()))
         arrays.update(_tree_arrays(f"train_{name}/params", new_state.params))

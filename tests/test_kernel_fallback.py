@@ -157,9 +157,10 @@ def test_a_candidate_that_computes_wrong_numbers_falls_back_to_jnp(candidate, la
 
 
 def test_training_proceeds_with_a_failing_kernel():
-    """Train steps of a tiny l_inf-dist Net through Experiment.train_step (p = 8, then inf): one warning per
+    """Train steps of a tiny l_inf-dist Net through Trainer.train_step (p = 8, then inf): one warning per
     layer shape, finite losses."""
-    from certjax.train import Experiment
+    from certjax.experiment import Experiment
+    from certjax.train import Trainer
     from configs.linf_dist import get_config
 
     config = get_config("demo")
@@ -167,7 +168,8 @@ def test_training_proceeds_with_a_failing_kernel():
     rng = np.random.default_rng(0)
     with autoselect.candidate_for_auto(raising_candidate), warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        exp = Experiment(config, need_train_data=False)
+        exp = Experiment(config, data="test")
+        trainer = Trainer(exp)
         state = exp.init_state()
         for p in (8.0, np.inf):
             batch = {
@@ -175,9 +177,9 @@ def test_training_proceeds_with_a_failing_kernel():
                 "label": rng.integers(0, 10, (16,), dtype=np.int32),
             }
             schedule = {"p": np.float32(p), "lam": np.float32(0.1), "eps_train": np.float32(24 / 255)}
-            state, metrics = exp.train_step(state, exp.global_batch(batch), schedule)
+            state, metrics = trainer.train_step(state, exp.global_batch(batch), schedule)
             assert np.isfinite(float(metrics.compute()["loss"]))
-    assert int(state.step) == 2 and exp.train_step._cache_size() == 1
+    assert int(state.step) == 2 and trainer.train_step._cache_size() == 1
     messages = _fallback_warnings(record)
     # layers 3072 -> 16 -> 16 -> 10 at the init batch (2) and the training batch (16): six configurations
     assert len(messages) == 6 and len(set(messages)) == 6, messages

@@ -241,19 +241,21 @@ class LoweringTest(parameterized.TestCase):
         grad_x kernels (the images need no gradient). SortNet's dropout layers use the masked kernels."""
         import importlib
 
+        from certjax.experiment import Experiment
         from certjax.optim import schedules
-        from certjax.train import Experiment
+        from certjax.train import Trainer
 
         config = importlib.import_module(f"configs.{family}").get_config("demo")
         config.model.depth, config.model.width, config.model.kernel = 3, 16, "pallas"
-        exp = Experiment(config, need_train_data=False)
+        exp = Experiment(config, data="test")
+        trainer = Trainer(exp)
         batch = {
             "image": jax.ShapeDtypeStruct((64, 32, 32, 3), jnp.uint8),
             "label": jax.ShapeDtypeStruct((64,), jnp.int32),
         }
         schedule = {k: jax.ShapeDtypeStruct((), jnp.float32) for k in schedules.schedule_values(config, 0, 1)}
         exported = jax.export.export(
-            jax.jit(exp._train_step),
+            jax.jit(trainer._train_step),
             platforms=["cuda"],
             disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
         )(exp.abstract_state(), batch, schedule)

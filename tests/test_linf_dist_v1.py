@@ -110,21 +110,23 @@ def test_combined_certification_contains_the_margin_certification(family, seed):
 
     from certjax.data import pipeline
     from certjax.evaluate import by_method_records, certified_accuracy_at, radii_of
-    from certjax.train import Experiment
+    from certjax.experiment import Experiment
 
     config = importlib.import_module(f"configs.{family}").get_config("demo")
     config.model.depth, config.model.width = 3, 32
     config.seed = seed
-    exp = Experiment(config, need_train_data=False)
+    exp = Experiment(config, data="test")
     state = exp.init_state()
     key = jax.random.key(seed)
     model_state = jax.tree.map(lambda m: m + jax.random.normal(key, m.shape), state.model_state)
     batches = list(pipeline.eval_batches(exp.sources.test, 100, 300, seed=seed))
     # labels := the predictions, and eps := the median margin radius: half the points certify by the margin
-    probe = exp.certify_batches(state.params, model_state, batches)
+    probe = exp.certifier.certify_batches(state.params, model_state, batches)
     batches = [dict(b, label=p) for b, p in zip(batches, np.split(probe["prediction"], 3), strict=True)]
-    config.certify.eps = float(np.median(exp.certify_batches(state.params, model_state, batches)["radius"]))
-    results = exp.certify_batches(state.params, model_state, batches, every_radius=True)
+    config.certify.eps = float(
+        np.median(exp.certifier.certify_batches(state.params, model_state, batches)["radius"])
+    )
+    results = exp.certifier.certify_batches(state.params, model_state, batches, every_radius=True)
     margin, ibp, combined = results["certified_margin"], results["certified_ibp"], results["certified"]
     assert 0.2 < margin.mean() < 0.8
     np.testing.assert_array_equal(combined, margin | ibp)
@@ -132,7 +134,7 @@ def test_combined_certification_contains_the_margin_certification(family, seed):
     # IBP alone proves every margin certificate that is not within rounding of the boundary
     clear = results["radius"] > config.certify.eps * (1 + 1e-3)
     assert np.all(ibp[clear])
-    records = by_method_records(exp, results, radii_of(config))
+    records = by_method_records(exp.certifier, results, radii_of(config))
     margin_at = certified_accuracy_at(results["correct"], results["radius"], radii_of(config))
     for radius, accuracy in records["certified_at"].items():
         assert accuracy >= margin_at[radius] and accuracy >= records["certified_at_ibp"][radius]

@@ -212,7 +212,8 @@ def test_eps_ramp_is_0_1_to_1_5_eps_over_the_first_half_per_epoch():
 @pytest.fixture(scope="module")
 def tiny_trained_liresnet():
     """LiResNet at width 16, depth 2, trained for 8 epochs on 1,024 embedded real CIFAR-10 images."""
-    from certjax.train import Experiment
+    from certjax.experiment import Experiment
+    from certjax.train import Trainer
     from configs.liresnet import get_config
 
     config = get_config("XS,demo")
@@ -220,12 +221,13 @@ def tiny_trained_liresnet():
     config.data.real_subset = 1024
     config.model.eval_power_iterations = 200
     exp = Experiment(config)
+    trainer = Trainer(exp)
     state = exp.init_state()
     initial_vectors = jax.tree.map(np.asarray, state.model_state[liresnet.POWER])
     batches = exp.batches.iterate(0, exp.total_steps)
     for step in range(exp.total_steps):
         values = schedules.schedule_values(config, step, exp.total_steps)
-        state, _ = exp.train_step(
+        state, _ = trainer.train_step(
             state, exp.global_batch(next(batches)), {k: np.float32(v) for k, v in values.items()}
         )
     return exp, state, initial_vectors
@@ -251,8 +253,10 @@ def test_pgd_l2_never_breaks_a_certified_liresnet_point(tiny_trained_liresnet):
         return exp.model.apply(variables, (x - mean) / std)[0]
 
     eps = config.certify.eps
-    cert = exp.certify_batches(state.params, state.model_state, [{"image": images, "label": labels}])
-    report = exp.last_bounds_report
+    cert = exp.certifier.certify_batches(
+        state.params, state.model_state, [{"image": images, "label": labels}]
+    )
+    report = exp.certifier.last_bounds_report
     assert cert["certified"].sum() >= 5, "the tiny model certifies too few points for a meaningful test"
     assert report["lipschitz_body_assumed"] <= report["lipschitz_body_measured"]
     assert np.all(cert["certified"] <= cert["certified_assumed"])  # the guaranteed K is the larger
@@ -316,8 +320,8 @@ def _float64_logits(model, params, frozen, images_uint8, mean, std):
 def test_rounding_allowance_covers_the_float64_logits(tiny_trained_liresnet):
     exp, state, _ = tiny_trained_liresnet
     images, labels = exp.sources.test.read(np.arange(0, 1000, 5))
-    bounds = exp.certificate_bounds(state.params, state.model_state)
-    logits, logit_error = exp.eval_step(
+    bounds = exp.certifier.certificate_bounds(state.params, state.model_state)
+    logits, logit_error = exp.certifier.eval_step(
         state.params,
         {**state.model_state, **bounds["variables"]},
         {"image": images, "label": labels},

@@ -306,7 +306,7 @@ def launched(tmp_path_factory):
     (stdout, Experiment, state)."""
     from certjax import checkpoints
     from certjax.data import sources
-    from certjax.train import Experiment
+    from certjax.experiment import Experiment
     from tests.conftest import run_launch
 
     workdir = tmp_path_factory.mktemp("liresnet_pp")
@@ -335,7 +335,7 @@ def launched(tmp_path_factory):
     assert "steps/epoch=16 (real_pass)" in result.stdout and "(real " in result.stdout, result.stdout[-2000:]
     manager = checkpoints.make_manager(str(workdir / "run"), read_only=True)
     step = checkpoints.select_step(manager, "last")
-    exp = Experiment(checkpoints.restore_config(manager, step), need_train_data=False)
+    exp = Experiment(checkpoints.restore_config(manager, step), data="test")
     state = checkpoints.restore_state(manager, step, exp.abstract_restore_target())
     manager.close()
     return result.stdout, exp, state
@@ -356,7 +356,7 @@ def test_audit_breaks_no_certificate_of_the_launched_net(launched):
     assert report["certified_accuracy"] <= report["pgd_accuracy"] < report["clean_accuracy"]  # PGD works
     assert report["lipschitz"]["max_ratio_to_bound"] <= 1 + audit.RATIO_TOLERANCE
     # the evaluation record's bounds: LiResNet's fields, the Cholesky layers measured (not assumed 1)
-    bounds = exp.last_bounds_report
+    bounds = exp.certifier.last_bounds_report
     assert bounds["lipschitz_body_assumed"] <= bounds["lipschitz_body_measured"]
     assert set(bounds["cholesky_sigma_max"]) == {"neck_conv", "neck_linear", "mlp1", "mlp2"}
     assert -0.01 < bounds["cholesky_largest_excess_over_1"] <= 1e-5
@@ -393,8 +393,8 @@ def _float64_logits(model, params, stats, frozen, images_uint8):
 def test_rounding_allowance_covers_a_float64_forward(launched):
     _, exp, state = launched
     images, labels = exp.sources.test.read(TEST_POINTS)
-    bounds = exp.certificate_bounds(state.params, state.model_state)
-    logits, logit_error = exp.eval_step(
+    bounds = exp.certifier.certificate_bounds(state.params, state.model_state)
+    logits, logit_error = exp.certifier.eval_step(
         state.params,
         {**state.model_state, **bounds["variables"]},
         {"image": images, "label": labels},

@@ -261,8 +261,9 @@ def test_l2_certificate_by_hand():
 @pytest.fixture(scope="module")
 def tiny_trained_lot():
     """LOT-S at init_channels 4, trained for a few epochs on 1,024 embedded real CIFAR-10 images."""
+    from certjax.experiment import Experiment
     from certjax.optim import schedules
-    from certjax.train import Experiment
+    from certjax.train import Trainer
     from configs.lot import get_config
 
     config = get_config("S,demo,cosine")
@@ -272,11 +273,12 @@ def tiny_trained_lot():
     config.data.real_subset = 1024
     config.optimizer.lr = 0.05
     exp = Experiment(config)
+    trainer = Trainer(exp)
     state = exp.init_state()
     batches = exp.batches.iterate(0, exp.total_steps)
     for step in range(exp.total_steps):
         values = schedules.schedule_values(config, step, exp.total_steps)
-        state, _ = exp.train_step(
+        state, _ = trainer.train_step(
             state, exp.global_batch(next(batches)), {k: np.float32(v) for k, v in values.items()}
         )
     return exp, state
@@ -290,13 +292,15 @@ def test_pgd_l2_never_breaks_a_certified_lot_point(tiny_trained_lot):
     mean, std = jnp.asarray(config.data.mean), jnp.asarray(config.data.std)
 
     # the network as evaluated: the cached orthogonalised weights (no Newton-Schulz in every PGD step)
-    frozen = exp.certificate_bounds(state.params, state.model_state)["variables"]
+    frozen = exp.certifier.certificate_bounds(state.params, state.model_state)["variables"]
 
     def logits_fn(x):
         return exp.model.apply({"params": state.params, **frozen}, (x - mean) / std)[0]
 
     eps = config.certify.eps
-    cert = exp.certify_batches(state.params, state.model_state, [{"image": images, "label": labels}])
+    cert = exp.certifier.certify_batches(
+        state.params, state.model_state, [{"image": images, "label": labels}]
+    )
     assert cert["certified"].sum() >= 5, "the tiny model certifies too few points for a meaningful test"
     _, adv_margin = pgd(
         lambda _, x: logits_fn(x), None, pixels, jnp.asarray(labels), eps, jax.random.key(0),
@@ -306,7 +310,12 @@ def test_pgd_l2_never_breaks_a_certified_lot_point(tiny_trained_lot):
     clean_margin = np.asarray(smallest_margin(logits_fn(pixels), jnp.asarray(labels)))
     assert np.all(adv_margin[cert["certified"]] > 0)
     # no margin drops by more than sqrt(2) * L * eps / std
-    bound = np.sqrt(2) * exp.last_bounds_report["lipschitz_body_measured"] * eps / float(min(config.data.std))
+    bound = (
+        np.sqrt(2)
+        * exp.certifier.last_bounds_report["lipschitz_body_measured"]
+        * eps
+        / float(min(config.data.std))
+    )
     assert np.all(clean_margin - adv_margin <= bound * (1 + 1e-4) + 1e-5)
     assert np.mean(clean_margin - adv_margin) > 0.1 * bound  # the attack does work
     vulnerable = cert["correct"] & ~cert["certified"]
@@ -354,8 +363,8 @@ def _float64_logits(model, variables, frozen, images_uint8, mean, std):
 def test_rounding_allowance_covers_the_float64_logits(tiny_trained_lot):
     exp, state = tiny_trained_lot
     images, labels = exp.sources.test.read(np.arange(0, 1000, 5))
-    bounds = exp.certificate_bounds(state.params, state.model_state)
-    logits, logit_error = exp.eval_step(
+    bounds = exp.certifier.certificate_bounds(state.params, state.model_state)
+    logits, logit_error = exp.certifier.eval_step(
         state.params, {**state.model_state, **bounds["variables"]}, {"image": images, "label": labels}
     )
     variables = {"params": state.params}

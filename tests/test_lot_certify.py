@@ -91,7 +91,7 @@ def test_certifying_logits_and_error_cover_the_exact_network_from_the_pixels(lot
     frozen = model._bounds["variables"][lot.FROZEN]
     exact = _exact_logits(model._params, frozen, x, model._exp.model.blocks, False)
     exp = model._exp
-    logits, logit_error = exp.eval_step(
+    logits, logit_error = exp.certifier.eval_step(
         model._params,
         {**model._model_state, **model._bounds["variables"]},
         {"image": images},

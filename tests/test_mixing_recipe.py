@@ -94,8 +94,8 @@ def test_config_checks_catch_bad_data_and_augment_values():
 
 
 def test_experiment_schedules_and_intervals_follow_the_real_pass_epoch(tmp_path):
+    from certjax.experiment import Experiment
     from certjax.optim import learning_rate_schedule
-    from certjax.train import Experiment
     from tests.conftest import _tiny_config
 
     npz = tmp_path / "gen.npz"

@@ -132,8 +132,9 @@ def test_every_logit_is_1_lipschitz_in_linf(mode):
 
 
 def test_trainer_recomputes_running_means_exactly_for_dropout():
+    from certjax.experiment import Experiment
     from certjax.optim import schedules
-    from certjax.train import Experiment
+    from certjax.train import Trainer
     from configs.sortnet import get_config
 
     config = get_config("demo")
@@ -141,16 +142,17 @@ def test_trainer_recomputes_running_means_exactly_for_dropout():
     config.train.batch_size, config.train.epochs = 64, 1
     config.data.real_subset = 192
     exp = Experiment(config)
-    assert exp.recalibrates_statistics
+    trainer = Trainer(exp)
+    assert trainer.recalibrates_statistics
     state = exp.init_state()
     for step, batch in zip(range(3), exp.batches.iterate(0, 3), strict=True):
         values = {k: np.float32(v) for k, v in schedules.schedule_values(config, step, 3).items()}
-        state, _ = exp.train_step(state, exp.global_batch(batch), values)
-    state = exp.recalibrate(state)
+        state, _ = trainer.train_step(state, exp.global_batch(batch), values)
+    state = trainer.recalibrate(state)
     # independent: per-batch means of the first hidden layer's output, averaged by hand
     means = []
     for batch in exp.batches.iterate(0, exp.steps_per_epoch):
-        x = exp._inputs(jnp.asarray(batch["image"])).reshape(len(batch["image"]), -1)
+        x = exp.inputs(jnp.asarray(batch["image"])).reshape(len(batch["image"]), -1)
         y = lp_distance(x, state.params["DistLayer_0"]["kernel"], jnp.float32(jnp.inf))
         means.append(np.asarray(y.mean(0)))
     running = state.model_state["batch_stats"]["DistLayer_0"]["MeanShift_0"]["mean"]

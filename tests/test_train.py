@@ -36,7 +36,8 @@ def _final_params(workdir):
 
 
 def test_train_step_compiles_once_across_steps_and_schedule_changes():
-    from certjax.train import Experiment
+    from certjax.experiment import Experiment
+    from certjax.train import Trainer
     from configs.linf_dist import get_config
 
     config = get_config("demo")
@@ -45,14 +46,15 @@ def test_train_step_compiles_once_across_steps_and_schedule_changes():
     config.data.real_subset = 32 * 6
     config.p_schedule.start_fraction, config.p_schedule.end_fraction = 0.2, 0.7
     exp = Experiment(config)
+    trainer = Trainer(exp)
     state = exp.init_state()
     ps = set()
     for step, batch in zip(range(exp.total_steps), exp.batches.iterate(0, exp.total_steps)):
         values = schedules.schedule_values(config, step, exp.total_steps)
         ps.add(values["p"])
-        state, _ = exp.train_step(state, batch, {k: np.float32(v) for k, v in values.items()})
+        state, _ = trainer.train_step(state, batch, {k: np.float32(v) for k, v in values.items()})
     assert len(ps) >= 4 and np.inf in ps  # p really changed, through the l_p phase to inf
-    assert exp.train_step._cache_size() == 1
+    assert trainer.train_step._cache_size() == 1
 
 
 def resume_after_sigkill_matches(tmp_path, command, kill_from_step: int, final_step: int):

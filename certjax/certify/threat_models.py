@@ -33,7 +33,12 @@ from certjax.certify.margins import (
     true_class_logit,
 )
 from certjax.certify.norms import l2_norm_per_example
-from certjax.certify.rounding import gamma, round_up_float32_array
+from certjax.certify.rounding import (
+    gamma,
+    normalisation_error_l2,
+    normalisation_error_linf,
+    round_up_float32_array,
+)
 
 
 def _per_example(values, like):
@@ -135,6 +140,8 @@ class ThreatModel:
       name: the config's name ("linf", "l2"). display: the norm as reports write it ("l_inf", "l_2").
       norm: per-example norm of perturbations [B, ...] -> [B] (jnp). norm_order: the same for numpy.
       certify: (logits, labels, eps, std, logit_error, pair_lipschitz) -> prediction / radius / certified.
+      normalisation_error: (normalised images, std) -> [B] bound of the float32 normalisation's error in
+        this norm (certjax.certify.rounding).
       random_start: (key, images, eps) -> a random point of the eps ball (projected).
       ascent_direction: gradient -> the steepest-ascent direction of a unit step (the audit's probe).
       ascent_step: (gradient, step size) -> PGD's step, that direction times the step size.
@@ -151,6 +158,7 @@ class ThreatModel:
     norm: Callable
     norm_order: float
     certify: Callable
+    normalisation_error: Callable
     random_start: Callable
     ascent_direction: Callable
     ascent_step: Callable
@@ -168,6 +176,7 @@ LINF = ThreatModel(
     norm=_linf_norm,
     norm_order=np.inf,
     certify=linf_certify,
+    normalisation_error=normalisation_error_linf,
     random_start=_linf_random_start,
     ascent_direction=jnp.sign,
     ascent_step=_linf_ascent_step,
@@ -185,6 +194,7 @@ L2 = ThreatModel(
     norm=l2_norm_per_example,
     norm_order=2.0,
     certify=l2_certify,
+    normalisation_error=normalisation_error_l2,
     random_start=_l2_random_start,
     ascent_direction=_l2_ascent_direction,
     ascent_step=_l2_ascent_step,

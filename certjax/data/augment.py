@@ -80,7 +80,7 @@ def augment_batch(rng, images, *, num_real: int, augment):
 
 def normalize(images_uint8, mean, std):
     """uint8 [0, 255] -> (x/255 - mean) / std, float32. Float images are taken as pixels in [0, 1] already
-    (certjax.api accepts both); the rounding allowance of the uint8 path covers them (one op fewer)."""
+    (certjax.restore accepts both); the rounding allowance of the uint8 path covers them (one op fewer)."""
     if images_uint8.dtype == jnp.uint8:
         x = images_uint8.astype(jnp.float32) / 255.0
     else:

@@ -4,7 +4,7 @@
 
 Writes to --out (a new directory, built beside it and renamed when complete, so never half-written):
 - `forward_uint8.jax`, `forward_float32.jax`: serialized `jax.export` artifacts of the certifying forward
-  (`Experiment._eval_step`, the one `--mode=evaluate` and `certjax.restore` run) for uint8 [B, 32, 32, 3]
+  (`Certifier._eval_step`, the one `--mode=evaluate` and `certjax.restore` run) for uint8 [B, 32, 32, 3]
   images in [0, 255] and float32 ones in [0, 1], B = the checkpoint's `train.eval_batch_size`. Inputs: the
   weights (as a flat list) and the images; outputs: logits [B, C] float32 and the per-example bound of
   their rounding error [B]. Lowered for CPU and CUDA (`platforms=("cpu", "cuda")`).
@@ -60,7 +60,7 @@ def export_model(model, out_dir: str, platforms=PLATFORMS) -> dict:
 
     def forward(weights, images):
         params, state = jax.tree.unflatten(treedef, weights)
-        return exp._eval_step(params, state, {"image": images}, gain)
+        return exp.certifier._eval_step(params, state, {"image": images}, gain)
 
     weight_specs = [jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) for leaf in leaves]
     batch = model.batch_size

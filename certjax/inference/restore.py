@@ -6,7 +6,7 @@
     out["prediction"], out["radius"], out["certified"]               # + "correct" with labels=...
     logits = model.logits(images)
 
-`certify` runs exactly the code `launch.py --mode=evaluate` runs (`Experiment.certify_batches`: the same
+`certify` runs exactly the code `launch.py --mode=evaluate` runs (`Certifier.certify_batches`: the same
 jitted certifying forward, the same per-checkpoint bounds computed once at restore: guaranteed K for LiResNet,
 measured sigma for LOT, the rounding bounds), in batches of the checkpoint's `train.eval_batch_size` (the
 last one padded), so its numbers equal evaluation's bit for bit (tests/test_api.py).
@@ -32,6 +32,7 @@ import os
 
 import numpy as np
 
+from certjax.certify.certifier import pad_rows
 from certjax.certify.rounding import round_up_float32
 from certjax.certify.threat_models import get_threat_model, radius_after_input_rounding
 from certjax.inference.images import IMAGE_SHAPE, as_images, float32_input
@@ -43,7 +44,7 @@ class CertifiedModel:
     def __init__(self, experiment, state, step: int, checkpoint: str, workdir: str):
         self._exp = experiment
         self._params, self._model_state = state.params, state.model_state
-        self._bounds = experiment.certificate_bounds(state.params, state.model_state)
+        self._bounds = experiment.certifier.certificate_bounds(state.params, state.model_state)
         self._threat = get_threat_model(experiment.family.THREAT_MODEL)
         config = experiment.config
         self.config = config
@@ -92,7 +93,8 @@ class CertifiedModel:
             from tqdm import tqdm
 
             iterator = tqdm(iterator, total=batches, unit="batch", desc="certify", leave=False)
-        results = self._exp.certify_batches(self._params, self._model_state, iterator, bounds=self._bounds)
+        certifier = self._exp.certifier
+        results = certifier.certify_batches(self._params, self._model_state, iterator, bounds=self._bounds)
         return {k: np.asarray(v)[:n] for k, v in results.items()}
 
     def certify(self, images, eps: float | None = None, labels=None, *, progress: bool = False) -> dict:
@@ -141,7 +143,7 @@ class CertifiedModel:
 
     def _ibp_certified(self, images, prediction, eps: float) -> np.ndarray:
         """Interval-bound certificates of the predicted class over the l_inf box of radius eps (pixel units),
-        by the step evaluation uses (Experiment.ibp_step)."""
+        by the step evaluation uses (Certifier.ibp_step)."""
         exp, flags = self._exp, []
         variables = {**self._model_state, **self._bounds["variables"]}
         radius = round_up_float32(eps * exp.input_scale)
@@ -150,12 +152,9 @@ class CertifiedModel:
                 images[start : start + self.batch_size],
                 prediction[start : start + self.batch_size],
             )
-            n, pad = len(image), self.batch_size - len(image)
-            if pad:
-                image = np.concatenate([image, np.repeat(image[:1], pad, 0)])
-                label = np.concatenate([label, np.repeat(label[:1], pad, 0)])
-            batch = exp.sharded_copy({"image": image, "label": label})
-            flags.append(np.asarray(exp.ibp_step(self._params, variables, batch, radius))[:n])
+            batch, n = pad_rows({"image": image, "label": label}, self.batch_size)
+            flag = exp.certifier.ibp_step(self._params, variables, exp.sharded_copy(batch), radius)
+            flags.append(np.asarray(flag)[:n])
         return np.concatenate(flags) if flags else np.zeros(0, bool)
 
     def logits(self, images) -> np.ndarray:
@@ -167,11 +166,8 @@ class CertifiedModel:
         gain = np.float32(self._bounds.get("input_error_gain", 1.0))
         for start in range(0, len(images), self.batch_size):
             image = images[start : start + self.batch_size]
-            n, pad = len(image), self.batch_size - len(image)
-            if pad:
-                image = np.concatenate([image, np.repeat(image[:1], pad, 0)])
-            batch = {"image": image, "label": np.zeros(self.batch_size, np.int32)}
-            logits, _ = exp.eval_step(self._params, variables, exp.sharded_copy(batch), gain)
+            batch, n = pad_rows({"image": image, "label": np.zeros(len(image), np.int32)}, self.batch_size)
+            logits, _ = exp.certifier.eval_step(self._params, variables, exp.sharded_copy(batch), gain)
             outputs.append(np.asarray(logits)[:n])
         return np.concatenate(outputs) if outputs else np.zeros((0, self.info["num_classes"]), np.float32)
 
@@ -208,16 +204,10 @@ def restore(workdir: str, checkpoint: str = "best") -> CertifiedModel:
 
     checkpoint: "best" (by test certified accuracy), "last" or a step. Raises FileNotFoundError when the
     workdir holds no checkpoint and ValueError for an unknown checkpoint name."""
-    from certjax import checkpoints
-    from certjax.train import Experiment
+    from certjax.experiment import Experiment
 
     require_checkpoints(workdir)
-    manager = checkpoints.make_manager(workdir, read_only=True)
-    try:
-        step = checkpoints.select_step(manager, str(checkpoint))
-        config = checkpoints.restore_config(manager, step)
-        experiment = Experiment(config, need_train_data=False, need_test_data=False)
-        state = checkpoints.restore_state(manager, step, experiment.abstract_restore_target(), announce=False)
-    finally:
-        manager.close()
-    return CertifiedModel(experiment, state, step, str(checkpoint), workdir)
+    experiment, state, info = Experiment.from_checkpoint(
+        workdir, str(checkpoint), data="none", announce=False
+    )
+    return CertifiedModel(experiment, state, info.step, str(checkpoint), workdir)

@@ -71,7 +71,7 @@ from certjax.models.liresnet import (
 )
 
 THREAT_MODEL = "l2"
-STATS = "batch_stats"  # the running means of the centred blocks (Experiment.recalibrate's collection)
+STATS = "batch_stats"  # the running means of the centred blocks (Trainer.recalibrate's collection)
 MOMENTUM = 0.1  # blocks.py LiResConv: running_mean += (mean - running_mean) * 0.1
 NECK_PATCH = 4  # Map2Vec: 4x4 conv, stride 4
 
@@ -210,7 +210,7 @@ class LiResNetPP(nn.Module):
 
     @nn.compact
     def __call__(self, x, p=None, *, train: bool = False, return_features: bool = False, dropout=None):
-        del p, dropout  # no l_p phase, no dropout (Experiment.recalibrate passes dropout=False)
+        del p, dropout  # no l_p phase, no dropout (Trainer.recalibrate passes dropout=False)
         if x.shape[1] != x.shape[2] or x.shape[1] % 8:
             raise ValueError(f"LiResNet++ needs square inputs with a side divisible by 8, got {x.shape}")
         # (layer, MinMax after it): model.py GloroNet.forward / Map2Vec.forward / LiResMLP.forward
@@ -267,7 +267,7 @@ def build(model_config, num_classes: int) -> nn.Module:
 def recalibrates_statistics(model_config) -> bool:
     """The original keeps momentum-0.1 running means and evaluates with them (no recalibration); the option
     replaces them by the exact average of batch means over one pass of the training batches before each
-    evaluation (Experiment.recalibrate), as SortNet does."""
+    evaluation (Trainer.recalibrate), as SortNet does."""
     return bool(model_config.get("recalibrate_statistics", False))
 
 

@@ -1,0 +1,193 @@
+"""The one certification path: eval step (logits and their rounding bound), IBP step, the family's
+per-checkpoint bounds, and the certify loop over batches (shared/DESIGN.md, "Certification").
+
+The trainer's per-epoch evaluation, `--mode=evaluate` (certjax/evaluate.py), the API (certjax.restore), the
+export and the audit all certify through a `Certifier`, so they give the same numbers by construction.
+
+Rounding (certjax/certify/rounding.py): the logits are float32, so the eval step returns with them a
+per-example bound of their error: the normalisation's (`normalisation_error_linf` / `_l2`) times the
+network's gain for input errors (the family's `input_error_gain`, 1 for 1-Lipschitz bodies), plus every
+per-op bound the family sows in its "rounding" collection. The IBP box is widened by the same normalisation
+bound, so both certificates hold for the exact normalised image.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from certjax.certify import interval as interval_bounds
+from certjax.certify.rounding import normalisation_error_linf, round_up_float32
+from certjax.certify.threat_models import get_threat_model
+
+DEFAULT_RADIUS_FACTORS = (0.0, 0.5, 1.0, 1.5, 2.0)
+
+
+def radii_of(config) -> list[float]:
+    """config.certify.radii if given, else eps times DEFAULT_RADIUS_FACTORS (pixel units)."""
+    radii = config.certify.get("radii", None)
+    if radii:
+        return [float(r) for r in radii]
+    return [float(config.certify.eps) * f for f in DEFAULT_RADIUS_FACTORS]
+
+
+def pad_rows(batch: dict, multiple: int) -> tuple[dict, int]:
+    """(batch padded by repeating its first row to a multiple of `multiple` rows, the number of real rows):
+    the one padded batcher; callers slice results with [:n_valid]."""
+    n = len(next(iter(batch.values())))
+    pad = (-n) % multiple
+    if pad:
+        batch = {k: np.concatenate([v, v[:1].repeat(pad, 0)]) for k, v in batch.items()}
+    return batch, n
+
+
+class Certifier:
+    """Certification of one Experiment's model (certjax.experiment): see the module docstring."""
+
+    def __init__(self, experiment):
+        self.exp = experiment
+        self.config = experiment.config
+        self.threat_model = get_threat_model(experiment.family.THREAT_MODEL)
+        self.certify_fn = self.threat_model.certify
+        self.certify_method = experiment.certify_method
+        self.eval_step = jax.jit(self._eval_step, out_shardings=experiment.replicated)
+        self.ibp_step = jax.jit(self._ibp_step, out_shardings=experiment.replicated)
+        self.last_bounds_report: dict = {}
+
+    # -- steps
+
+    def input_error(self, images):
+        """Per example: the bound of the float32 normalisation's error in the threat model's norm."""
+        return self.threat_model.normalisation_error(images, self.config.data.std)
+
+    def _eval_step(self, params, model_state, batch, input_error_gain=1.0):
+        """Logits at p = inf and a per-example bound of their float32 rounding error (0 if not tracked).
+
+        input_error_gain: how much the network can amplify an error of its (normalised) input, from the
+        family's certificate_bounds (1 for 1-Lipschitz bodies)."""
+        images = self.exp.inputs(batch["image"])
+        (logits, _), aux = self.exp.model.apply(
+            {"params": params, **model_state},
+            images,
+            jnp.float32(jnp.inf),
+            train=False,
+            mutable=["rounding"],
+        )
+        op_errors = jax.tree.leaves(aux.get("rounding", {}))
+        if not op_errors:
+            return logits, jnp.zeros(logits.shape[:1], jnp.float32)
+        return logits, input_error_gain * self.input_error(images) + sum(op_errors)
+
+    def _ibp_step(self, params, model_state, batch, eps_normalised):
+        """Certified flags by interval bounds at p = inf over the eps ball (normalised units) around the exact
+        normalised images: the box is widened by the normalisation's rounding bound."""
+        images = self.exp.inputs(batch["image"])
+        box = self.exp.input_box(
+            images, eps_normalised, normalisation_error_linf(images, self.config.data.std)
+        )
+        logits, _, (lower, upper) = self.exp.model.apply(
+            {"params": params, **model_state}, images, jnp.float32(jnp.inf), train=False, box=box
+        )
+        return interval_bounds.ibp_certified(logits, lower, upper, batch["label"])
+
+    def ibp_radii(self) -> list[float]:
+        """Pixel radii certified by interval bounds: certify.eps and every nonzero radius of certify.radii
+        (radius 0 is clean accuracy)."""
+        return sorted({float(self.config.certify.eps)} | {r for r in radii_of(self.config) if r > 0})
+
+    def certificate_bounds(self, params, model_state) -> dict:
+        """The family's per-checkpoint bounds (cached evaluation variables, pair Lipschitz constants), or the
+        defaults of a family without the hook (nothing cached, the threat model's constant bound)."""
+        hook = getattr(self.exp.family, "certificate_bounds", None)
+        if hook is None:
+            return {"variables": {}, "pair_lipschitz": None, "assumed_pair_lipschitz": None, "report": {}}
+        variables = {"params": params, **model_state}
+        return hook(self.exp.model, variables, input_shape=(1, *self.exp.image_shape))
+
+    # -- the certify loop
+
+    def certify_batches(
+        self, params, model_state, batches, bounds=None, every_radius: bool = False
+    ) -> dict[str, np.ndarray]:
+        """Per-example results over an iterable of batches (numpy "image" uint8 / "label").
+
+        Args:
+          params, model_state: the state's parameters and model collections.
+          batches: iterable of {"image", "label"} numpy batches.
+          bounds: `certificate_bounds(params, model_state)` computed once by the caller (the API), or None.
+          every_radius: IBP flags at every radius of the record, not only at certify.eps.
+        Returns:
+          prediction / correct / radius / certified / prediction_radius / logit_error / label, and with a
+          family's measured bounds `certified_assumed` / `radius_assumed` (the bound the architecture
+          promises); with interval bounds `certified_margin` / `certified_ibp` / `ibp_certified_at`. The
+          bounds' report is kept in `last_bounds_report`.
+        """
+        if bounds is None:
+            bounds = self.certificate_bounds(params, model_state)
+        model_state = {**model_state, **bounds["variables"]}
+        gain = np.float32(bounds.get("input_error_gain", 1.0))
+        outputs = []
+        for batch in batches:
+            batch, n = pad_rows(batch, jax.device_count())  # shard evenly; padded rows are dropped below
+            logits, logit_error = self.eval_step(params, model_state, self.exp.sharded_copy(batch), gain)
+            result = self._margin_results(logits, logit_error, batch["label"], bounds)
+            if self.certify_method != "margin":
+                # one IBP pass per radius: all of them for the results record, eps alone for the per-epoch
+                # evaluation in training
+                radii = self.ibp_radii() if every_radius else [float(self.config.certify.eps)]
+                self._add_ibp(result, params, model_state, batch, radii)
+            outputs.append(jax.tree.map(lambda a, n=n: np.asarray(a)[:n], result))
+        results = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
+        self.last_bounds_report = bounds["report"]
+        return results
+
+    def _margin_results(self, logits, logit_error, labels, bounds) -> dict:
+        certify = functools.partial(
+            self.certify_fn,
+            logits,
+            eps=self.config.certify.eps,
+            std=self.config.data.std,
+            logit_error=logit_error,
+        )
+        result = certify(labels, pair_lipschitz=bounds["pair_lipschitz"])
+        # The certified radius of the *predicted* class (= radius on correct points; on incorrect ones,
+        # how robustly the model is wrong: the seed paper's Fig. 5), from the same logits.
+        predicted = certify(result["prediction"].astype(jnp.int32), pair_lipschitz=bounds["pair_lipschitz"])
+        result["prediction_radius"] = predicted["radius"]
+        if bounds["assumed_pair_lipschitz"] is not None:
+            assumed = certify(labels, pair_lipschitz=bounds["assumed_pair_lipschitz"])
+            result["certified_assumed"] = assumed["certified"]
+            result["radius_assumed"] = assumed["radius"]
+        result["logit_error"] = logit_error
+        result["label"] = labels
+        return result
+
+    def _add_ibp(self, result, params, model_state, batch, radii):
+        """IBP flags at every radius of `radii` ([B, R] `ibp_certified_at`), `certified_margin` /
+        `certified_ibp` at certify.eps, and `certified` by the configured method (both: either)."""
+        sharded = self.exp.sharded_copy(batch)
+        scale = self.exp.input_scale
+        flags = [self.ibp_step(params, model_state, sharded, round_up_float32(r * scale)) for r in radii]
+        result["ibp_certified_at"] = jnp.stack(flags, axis=1)
+        result["certified_ibp"] = flags[radii.index(float(self.config.certify.eps))]
+        result["certified_margin"] = result["certified"]
+        if self.certify_method == "ibp":
+            result["certified"] = result["certified_ibp"]
+        else:
+            result["certified"] = result["certified_margin"] | result["certified_ibp"]
+
+    def evaluate_source(self, state, source, limit: int = 0) -> dict[str, float]:
+        """Clean and certified accuracy of `state` on (the first `limit` of) a source, at certify.eps."""
+        from certjax.data import pipeline
+
+        batches = pipeline.eval_batches(
+            source, self.config.train.eval_batch_size, limit, seed=self.config.seed
+        )
+        results = self.certify_batches(state.params, state.model_state, batches)
+        return {
+            "clean_accuracy": float(results["correct"].mean()),
+            "certified_accuracy": float(results["certified"].mean()),
+        }
