@@ -91,15 +91,8 @@ def normalisation_error_linf(images, std):
 
 
 def normalisation_error_l2(images, std):
-    """Per example: a bound of the l_2 error of the float32 normalisation: the per-pixel bound of
-    `normalisation_error_linf` summed as an l_2 norm over the D pixels (<= sqrt(D) times its constant part).
-
-    Args:
-      images: the normalised float32 images [B, H, W, C].
-      std: the per-channel standard deviations of the normalisation.
-    Returns:
-      [B] bounds.
-    """
+    """`normalisation_error_linf`'s per-pixel bound summed as an l_2 norm over the D pixels (<= sqrt(D) times
+    its constant part): [B] bounds of the l_2 error of the float32 normalisation; the same Args."""
     flat = jnp.abs(images).reshape(images.shape[0], -1)
     return FLOAT32_SPACING_AT_ONE * (
         2.0 / min(std) * math.sqrt(flat.shape[1]) + jnp.sqrt(jnp.sum(flat**2, axis=1))
