@@ -72,7 +72,7 @@ class CertifiedModel:
         self.info = {
             "family": config.get("family", config.model.name),
             "variant": config.get("variant", ""),
-            "threat_model": experiment.family.THREAT_MODEL,
+            "threat_model": experiment.family.threat_model,
             "eps": float(config.certify.eps),
             "mean": [float(m) for m in config.data.mean],
             "std": [float(s) for s in config.data.std],

@@ -81,10 +81,10 @@ def _make_attack(model, mean, std, threat_model: str, steps: int, restarts: int)
     mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
 
     def logits_normalised(variables, xn):
-        return model.apply(variables, xn, jnp.float32(jnp.inf), train=False)[0]
+        return model.apply(variables, xn, jnp.float32(jnp.inf), train=False).logits
 
     def logits_of(variables, x):
-        return model.apply(variables, (x - mean) / std, jnp.float32(jnp.inf), train=False)[0]
+        return model.apply(variables, (x - mean) / std, jnp.float32(jnp.inf), train=False).logits
 
     def objective(variables, x, labels, targets):
         z = logits_of(variables, x)
@@ -194,7 +194,7 @@ def _by_method(cert, broken) -> dict:
 def audit_model(exp, state, images, labels, *, steps=100, restarts=5, targets=3, batch_size=256, seed=0):
     """The audit of one model on the given test points (uint8 images, int labels); returns the report dict."""
     config = exp.config
-    threat_model = exp.family.THREAT_MODEL
+    threat_model = exp.family.threat_model
     eps = float(config.certify.eps)
     std = np.asarray(config.data.std, np.float32)
     min_std = float(np.min(std))

@@ -164,7 +164,7 @@ def evaluate_checkpoint(workdir: str, which: str = "best", train_subset: int = 1
         )
     record = {
         "family": config.get("family", config.model.name),
-        "threat_model": exp.family.THREAT_MODEL,
+        "threat_model": exp.family.threat_model,
         "variant": config.get("variant", ""),
         "dataset": config.data.dataset,
         "aux_amount": generated_count,

@@ -41,8 +41,9 @@ from certjax.certify.rounding import normalisation_error_l2, normalisation_error
 from certjax.config_checks import check_config
 from certjax.data import pipeline
 from certjax.data.augment import augment_batch, normalize
+from certjax.data.sources import dataset_info
 from certjax.losses import get_loss
-from certjax.models import get_family
+from certjax.models import certified_logits, get_family
 from certjax.optim import make_optimizer, schedules
 from certjax.writers import MetricWriter, console
 
@@ -121,9 +122,10 @@ class Experiment:
             if config.data.dataset not in NUM_CLASSES:
                 raise DataError(f"unknown dataset {config.data.dataset!r}; valid: {', '.join(NUM_CLASSES)}")
             self.sources, self.num_classes = None, NUM_CLASSES[config.data.dataset]
+        self.image_shape = dataset_info(config.data.dataset).image_shape  # (H, W, C) of the model's input
         self.model = self.family.build(config.model, self.num_classes)
         self.loss_fn = get_loss(config.loss.name)
-        self.certifier = get_certifier(self.family.THREAT_MODEL)
+        self.certifier = get_certifier(self.family.threat_model)
         self.certify_method = certify_method(config, self.family)
         self.valid_range = interval_bounds.valid_pixel_range(config.data.mean, config.data.std)
         self.input_scale = 1.0 / pixel_radius_scale(config.data.std)  # pixel eps -> normalised eps
@@ -171,7 +173,7 @@ class Experiment:
 
     def _init(self, rng):
         init_rng, state_rng = jax.random.split(rng)
-        dummy = jnp.zeros((2, 32, 32, 3), jnp.float32)
+        dummy = jnp.zeros((2, *self.image_shape), jnp.float32)
         variables = self.model.init(init_rng, dummy, jnp.float32(jnp.inf), train=False)
         params = variables.pop("params")
         return TrainState(
@@ -232,19 +234,20 @@ class Experiment:
         box = self.input_box(images, loss_schedule["eps_train"]) if train_on_bounds else None
 
         def loss_of(params):
-            outputs, updates = self.model.apply(
+            output, updates = self.model.apply(
                 {"params": params, **state.model_state},
                 images,
                 schedule["p"],
                 train=True,
                 mutable=list(state.model_state.keys()),
                 rngs={"dropout": model_rng},
-                **({"box": box} if train_on_bounds else {}),
+                **({"interval": box} if train_on_bounds else {}),
             )
-            logits, logit_scale = outputs[:2]
-            extra = {"logit_bounds": outputs[2]} if train_on_bounds else {}
-            losses = self.loss_fn(logits, logit_scale, labels, loss_schedule, self.config.loss, **extra)
-            return jnp.mean(losses), (logits, updates)
+            # the losses' second argument: the logit scale, or the l_2 families' pair bound (certjax.losses)
+            scale = output.logit_scale if output.pair_bound is None else output.pair_bound
+            extra = {"logit_bounds": output.logit_bounds} if train_on_bounds else {}
+            losses = self.loss_fn(output.logits, scale, labels, loss_schedule, self.config.loss, **extra)
+            return jnp.mean(losses), (output.logits, updates)
 
         (loss, (logits, updates)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
         finite = jnp.isfinite(loss) & jnp.all(
@@ -269,24 +272,15 @@ class Experiment:
         input_error_gain: how much the network can amplify an error of its (normalised) input, from the
         family's certificate_bounds (1 for 1-Lipschitz bodies)."""
         images = self._inputs(batch["image"])
-        (logits, _), aux = self.model.apply(
-            {"params": params, **model_state},
-            images,
-            jnp.float32(jnp.inf),
-            train=False,
-            mutable=["rounding"],
-        )
-        op_errors = jax.tree.leaves(aux.get("rounding", {}))
-        if not op_errors:
-            return logits, jnp.zeros(logits.shape[:1], jnp.float32)
+        logits, op_error = certified_logits(self.model, {"params": params, **model_state}, images)
         # Normalisation (x / 255 - mean) / std rounds at each of its three ops: <= u (1 + 1) / min(std) from
         # the first two (values <= 1), u |x'| from the division, per pixel; it reaches the logits with factor
         # <= 1 (l_inf) or, as an l_2 norm over the D pixels, <= sqrt(D) times that (l_2).
-        if self.family.THREAT_MODEL == "l2":
+        if self.family.threat_model == "l2":
             input_error = normalisation_error_l2(images, self.config.data.std)
         else:
             input_error = self._linf_input_error(images)
-        return logits, input_error_gain * input_error + sum(op_errors)
+        return logits, input_error_gain * input_error + op_error
 
     def _linf_input_error(self, images):
         """Per example: a bound of the l_inf error of the float32 normalisation (see _eval_step)."""
@@ -303,10 +297,10 @@ class Experiment:
         normalised images: the box is widened by the normalisation's rounding bound."""
         images = self._inputs(batch["image"])
         box = self.input_box(images, eps_normalised, self._linf_input_error(images))
-        logits, _, (lower, upper) = self.model.apply(
-            {"params": params, **model_state}, images, jnp.float32(jnp.inf), train=False, box=box
+        output = self.model.apply(
+            {"params": params, **model_state}, images, jnp.float32(jnp.inf), train=False, interval=box
         )
-        return interval_bounds.ibp_certified(logits, lower, upper, batch["label"])
+        return interval_bounds.ibp_certified(output.logits, *output.logit_bounds, batch["label"])
 
     def ibp_radii(self) -> list[float]:
         """Pixel radii certified by interval bounds: certify.eps and every nonzero radius of certify.radii
@@ -317,11 +311,9 @@ class Experiment:
 
     def certificate_bounds(self, params, model_state) -> dict:
         """The family's per-checkpoint bounds (cached evaluation variables, pair Lipschitz constants), or the
-        defaults of a family without the hook (nothing cached, the threat model's constant bound)."""
-        hook = getattr(self.family, "certificate_bounds", None)
-        if hook is None:
-            return {"variables": {}, "pair_lipschitz": None, "assumed_pair_lipschitz": None, "report": {}}
-        return hook(self.model, {"params": params, **model_state})
+        defaults of a family without them (nothing cached, the threat model's constant bound)."""
+        variables = {"params": params, **model_state}
+        return self.family.certificate_bounds(self.model, variables, (1, *self.image_shape))
 
     def certify_batches(
         self, params, model_state, batches, bounds=None, every_radius: bool = False
@@ -394,8 +386,7 @@ class Experiment:
 
     @property
     def recalibrates_statistics(self) -> bool:
-        hook = getattr(self.family, "recalibrates_statistics", None)
-        return bool(hook and hook(self.config.model))
+        return bool(self.family.recalibrates_statistics(self.config.model))
 
     def _batch_means(self, params, model_state, batch):
         images = self._inputs(batch["image"])
