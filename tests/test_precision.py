@@ -30,7 +30,11 @@ CASES = (
     "liresnet_pp",
 )
 OPS = re.compile(r"stablehlo\.(dot_general|convolution)")
-HIGHEST = re.compile(r"precision_config = \[#stablehlo<precision HIGHEST>, #stablehlo<precision HIGHEST>\]")
+# both spellings of the attribute: "precision = [HIGHEST, HIGHEST]" (pretty) or "precision_config = [...]"
+HIGHEST = re.compile(
+    r"precision = \[HIGHEST, HIGHEST\]"
+    r"|precision_config = \[#stablehlo<precision HIGHEST>, #stablehlo<precision HIGHEST>\]"
+)
 
 
 def low_precision_float32_ops(stablehlo: str) -> list[str]:
