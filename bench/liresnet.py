@@ -25,15 +25,14 @@ from timing import time_train_steps, timed, train_step_timer
 
 from certjax.losses import emma
 from certjax.models import liresnet
+from certjax.models.common import lipschitz
 from configs.liresnet import get_config
 
 
 def loss_gradient(model):
     def loss(params, state, images, labels, eps):
-        (logits, pair), _ = model.apply(
-            {"params": params, **state}, images, train=True, mutable=[liresnet.POWER]
-        )
-        return jnp.mean(emma(logits, pair, labels, {"eps_train": eps}, None))
+        output, _ = model.apply({"params": params, **state}, images, train=True, mutable=[lipschitz.POWER])
+        return jnp.mean(emma(output.logits, output.pair_bound, labels, {"eps_train": eps}, None))
 
     return jax.jit(jax.grad(loss))
 
@@ -44,16 +43,17 @@ def power_only(model):
 
     def linear_map(name):
         if geometry[name] is None:
-            return liresnet.dense
+            return lipschitz.dense
         _, stride, padding = geometry[name]
-        return lambda v, w: liresnet.conv(v, w, stride, padding)
+        return lambda v, w: lipschitz.conv(v, w, stride, padding)
 
     def product(kernels, vectors):
         total = 1.0
         for name, kernel in kernels.items():
             apply = linear_map(name)
             fixed = jax.lax.stop_gradient(kernel)
-            u = liresnet.power_iteration(lambda v, a=apply, k=fixed: a(v, k), vectors[name], model.iterations)
+            step = lambda v, a=apply, k=fixed: a(v, k)  # noqa: E731
+            u = lipschitz.power_iteration(step, vectors[name], model.iterations)
             total = total * jnp.sqrt(jnp.sum(jnp.square(apply(u, kernel))))
         return total
 
@@ -63,7 +63,7 @@ def power_only(model):
 def conv_phases(model, variables, images, *, repeats: int, xla_kernel_gradient: bool = False):
     """Seconds of every conv layer's forward, input gradient and kernel gradient at its training shape
     (stem, blocks, neck), each phase jitted alone on random inputs and cotangents."""
-    _, frozen = model.apply(variables, images[:1], mutable=[liresnet.FROZEN])
+    _, frozen = model.apply(variables, images[:1], mutable=[lipschitz.FROZEN])
     shapes = {"stem": images.shape}
     for name in liresnet.layer_geometry(model):
         if name.startswith("block"):
@@ -73,12 +73,12 @@ def conv_phases(model, variables, images, *, repeats: int, xla_kernel_gradient: 
     key = jax.random.key(1)
     totals = {"forwards": 0.0, "input gradients": 0.0, "kernel gradients": 0.0}
     for name, shape in shapes.items():
-        kernel = frozen[liresnet.FROZEN][name]["kernel"]
+        kernel = frozen[lipschitz.FROZEN][name]["kernel"]
         size, stride, padding = liresnet.layer_geometry(model)[name]
         inputs = jax.random.normal(key, shape)
 
         def forward(x, k, s=stride, p=padding):
-            return liresnet.conv(x, k, s, p)
+            return lipschitz.conv(x, k, s, p)
 
         g = jax.random.normal(key, jax.eval_shape(forward, inputs, kernel).shape)
         totals["forwards"] += timed(jax.jit(forward), inputs, kernel, repeats=repeats)
@@ -87,7 +87,7 @@ def conv_phases(model, variables, images, *, repeats: int, xla_kernel_gradient: 
             totals["input gradients"] += timed(input_grad, inputs, kernel, g, repeats=repeats)
 
         def kernel_grad(x, k, g, s=stride, p=padding, fast=not xla_kernel_gradient):
-            return jax.vjp(lambda w: liresnet.conv(x, w, s, p, fast_gradient=fast), k)[1](g)[0]
+            return jax.vjp(lambda w: lipschitz.conv(x, w, s, p, fast_gradient=fast), k)[1](g)[0]
 
         totals["kernel gradients"] += timed(jax.jit(kernel_grad), inputs, kernel, g, repeats=repeats)
     return totals
@@ -112,7 +112,7 @@ def main() -> None:
     key = jax.random.key(0)
     model = liresnet.LiResNet(depth=depth, width=width, iterations=args.iterations)
     variables = model.init(key, jnp.zeros((1, 32, 32, 3)))
-    params, state = variables["params"], {liresnet.POWER: variables[liresnet.POWER]}
+    params, state = variables["params"], {lipschitz.POWER: variables[lipschitz.POWER]}
     images = jax.random.uniform(key, (args.batch, 32, 32, 3), minval=-0.5, maxval=0.5)
     labels = jax.random.randint(key, (args.batch,), 0, 10)
     eps = np.float32(36 / 255)
@@ -121,9 +121,9 @@ def main() -> None:
     t_plain = timed(
         loss_gradient(model.clone(iterations=0)), params, state, images, labels, eps, repeats=args.repeats
     )
-    _, frozen = model.apply(variables, images[:1], mutable=[liresnet.FROZEN])
-    kernels = {name: value["kernel"] for name, value in frozen[liresnet.FROZEN].items()}
-    vectors = {name: value["u"] for name, value in state[liresnet.POWER].items()}
+    _, frozen = model.apply(variables, images[:1], mutable=[lipschitz.FROZEN])
+    kernels = {name: value["kernel"] for name, value in frozen[lipschitz.FROZEN].items()}
+    vectors = {name: value["u"] for name, value in state[lipschitz.POWER].items()}
     t_power = timed(power_only(model), kernels, vectors, repeats=args.repeats)
     t_convs = conv_phases(model, variables, images, repeats=args.repeats)
     t_convs_xla = conv_phases(model, variables, images, repeats=args.repeats, xla_kernel_gradient=True)[

@@ -74,10 +74,10 @@ def _make_attack(model, mean, std, threat: ThreatModel, steps: int, restarts: in
     mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
 
     def logits_normalised(variables, xn):
-        return model.apply(variables, xn, jnp.float32(jnp.inf), train=False)[0]
+        return model.apply(variables, xn, jnp.float32(jnp.inf), train=False).logits
 
     def logits_of(variables, x):
-        return model.apply(variables, (x - mean) / std, jnp.float32(jnp.inf), train=False)[0]
+        return model.apply(variables, (x - mean) / std, jnp.float32(jnp.inf), train=False).logits
 
     def attack(variables, images, labels, targets, eps, rng):
         return pgd(
@@ -166,7 +166,7 @@ class _Audit:
 def _start_audit(exp, state, bounds, num_points: int, steps: int, restarts: int) -> _Audit:
     """The audit's model functions (compiled once per architecture) and bounds, with nothing found yet."""
     config = exp.config
-    threat = get_threat_model(exp.family.THREAT_MODEL)
+    threat = get_threat_model(exp.family.threat_model)
     std = np.asarray(config.data.std, np.float32)
     functions = make_attack(exp.model, config.data.mean, std, threat.name, steps, restarts)
     return _Audit(

@@ -200,7 +200,7 @@ def loss_errors(config, family) -> list[str]:
             loss_bound in LOSS_BOUNDS, "loss.bound", f"{loss_bound!r}; use one of {', '.join(LOSS_BOUNDS)}"
         )
         errors.need(
-            loss_bound != "ibp" or family is None or getattr(family, "INTERVAL_BOUNDS", False),
+            loss_bound != "ibp" or family is None or family.interval_bounds,
             "loss.bound",
             f"'ibp': model.name {config.model.name!r} has no interval bounds; use loss.bound=lipschitz",
         )

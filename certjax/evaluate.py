@@ -161,7 +161,7 @@ def results_record(exp, which: str, info, results: dict, train_eval: dict, bound
     radii = radii_of(config)
     return {
         "family": config.get("family", config.model.name),
-        "threat_model": exp.family.THREAT_MODEL,
+        "threat_model": exp.family.threat_model,
         "variant": config.get("variant", ""),
         "dataset": config.data.dataset,
         "aux_amount": generated_count,

@@ -78,19 +78,20 @@ class Trainer:
         box = self.exp.input_box(images, loss_schedule["eps_train"]) if train_on_bounds else None
 
         def loss_of(params):
-            outputs, updates = self.model.apply(
+            output, updates = self.model.apply(
                 {"params": params, **state.model_state},
                 images,
                 schedule["p"],
                 train=True,
                 mutable=list(state.model_state.keys()),
                 rngs={"dropout": model_rng},
-                **({"box": box} if train_on_bounds else {}),
+                **({"interval": box} if train_on_bounds else {}),
             )
-            logits, logit_scale = outputs[:2]
-            extra = {"logit_bounds": outputs[2]} if train_on_bounds else {}
-            losses = self.loss_fn(logits, logit_scale, labels, loss_schedule, self.config.loss, **extra)
-            return jnp.mean(losses), (logits, updates)
+            # the losses' second argument: the logit scale, or the l_2 families' pair bound (certjax.losses)
+            scale = output.logit_scale if output.pair_bound is None else output.pair_bound
+            extra = {"logit_bounds": output.logit_bounds} if train_on_bounds else {}
+            losses = self.loss_fn(output.logits, scale, labels, loss_schedule, self.config.loss, **extra)
+            return jnp.mean(losses), (output.logits, updates)
 
         (loss, (logits, updates)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
         finite = jnp.isfinite(loss) & jnp.all(
@@ -111,8 +112,7 @@ class Trainer:
 
     @property
     def recalibrates_statistics(self) -> bool:
-        hook = getattr(self.family, "recalibrates_statistics", None)
-        return bool(hook and hook(self.config.model))
+        return bool(self.family.recalibrates_statistics(self.config.model))
 
     def _batch_means(self, params, model_state, batch):
         images = self.exp.inputs(batch["image"])

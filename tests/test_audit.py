@@ -1,6 +1,7 @@
 """certjax.audit on tiny trained models of both threat models: no certificate breaks, the Lipschitz ratios
 stay under their bounds, and a doctored (absurdly loose) certificate is caught with a non-zero exit code."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -102,13 +103,13 @@ def test_lot_audit_command_line(lot_workdir, monkeypatch, capsys):
     # doctored bound: the family's pair Lipschitz constants 1000x too small -> broken certificates, exit 1
     from certjax.models import lot
 
-    honest = lot.certificate_bounds
+    honest = lot.FAMILY.certificate_bounds
 
     def loose(*args, **kwargs):
         bounds = honest(*args, **kwargs)
         return dict(bounds, pair_lipschitz=bounds["pair_lipschitz"] * np.float32(1e-3))
 
-    monkeypatch.setattr(lot, "certificate_bounds", loose)
+    monkeypatch.setattr(lot, "FAMILY", dataclasses.replace(lot.FAMILY, certificate_bounds=loose))
     code = audit.main(AUDIT_ARGS + ["--workdir", str(lot_workdir), "--targets", "1"])
     assert code == 1
     report = json.loads(path.read_text())

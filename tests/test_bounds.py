@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from certjax.certify import interval as bounds
+from certjax.certify.interval import Interval
 from certjax.kernels.linf_dist import lp_distance_reference
 from certjax.kernels.sort_neuron import sort_distance_reference
 from certjax.models.linf_dist import LinfDistNet
@@ -173,7 +174,7 @@ def _pgd_extremes(model, variables, x, lower, upper, p, steps=20):
     """Inputs in the box that push every logit up and down (sign-gradient steps, projected): [2C, B, C]."""
 
     def logits(xx):
-        return model.apply(variables, xx, p)[0]
+        return model.apply(variables, xx, p).logits
 
     @jax.jit
     def extreme(direction):  # direction [C]: +1 / -1 on one logit
@@ -205,11 +206,12 @@ def test_network_bounds_contain_random_points_and_pgd_extremes(name, p):
     lower, upper = x - EPS, x + EPS
     variables = _variables(model, x)
     p = jnp.float32(p)
-    logits, _, (lo, hi) = jax.jit(lambda: model.apply(variables, x, p, box=(lower, upper)))()
+    output = jax.jit(lambda: model.apply(variables, x, p, interval=Interval(lower, upper)))()
+    logits, (lo, hi) = output.logits, output.logit_bounds
     # the box leaves the forward alone (up to compiled-vs-eager rounding)
-    np.testing.assert_allclose(logits, model.apply(variables, x, p)[0], rtol=1e-6)
+    np.testing.assert_allclose(logits, model.apply(variables, x, p).logits, rtol=1e-6)
     points = _samples(jax.random.key(11), lower.reshape(3, -1), upper.reshape(3, -1), SAMPLES)
-    forward = jax.jit(lambda pts: model.apply(variables, pts.reshape(x.shape), p)[0])
+    forward = jax.jit(lambda pts: model.apply(variables, pts.reshape(x.shape), p).logits)
     z = jax.lax.map(forward, points, batch_size=1000)
     assert bool(jnp.all(z >= lo) & jnp.all(z <= hi))
     extremes = _pgd_extremes(model, variables, x, lower, upper, p)
@@ -238,15 +240,17 @@ def test_every_hidden_layer_interval_contains_its_outputs():
 
     def layer_outputs(xx, box=None):
         with nn.intercept_methods(capture):
-            _, state = model.apply(variables, xx, jnp.float32(jnp.inf), box=box, mutable=["intermediates"])
+            _, state = model.apply(
+                variables, xx, jnp.float32(jnp.inf), interval=box, mutable=["intermediates"]
+            )
         return [v["out"][0] for v in state["intermediates"].values()]
 
-    with_box = jax.jit(lambda: layer_outputs(x, (lower, upper)))()
+    with_box = jax.jit(lambda: layer_outputs(x, Interval(lower, upper)))()
     count = 500
     points = _samples(jax.random.key(13), lower.reshape(2, -1), upper.reshape(2, -1), count)
     # evaluation mode treats every example on its own: all points in one batch of count * 2
     outputs = jax.jit(layer_outputs)(points.reshape((count * 2,) + x.shape[1:]))
-    for (_, (lo, hi)), y in zip(with_box, outputs, strict=True):
+    for (_, (lo, hi)), (y, _) in zip(with_box, outputs, strict=True):
         y = y.reshape(count, 2, -1)
         assert bool(jnp.all(y >= lo) & jnp.all(y <= hi))
 

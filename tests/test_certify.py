@@ -103,13 +103,12 @@ def audit_with_pgd(exp, state):
     std = jnp.asarray(config.data.std)
 
     def logits_fn(x):
-        z, _ = exp.model.apply(
+        return exp.model.apply(
             {"params": state.params, **state.model_state},
             (x - mean) / std,
             jnp.float32(jnp.inf),
             train=False,
-        )
-        return z
+        ).logits
 
     eps = config.certify.eps
     cert = exp.certifier.certify_batches(

@@ -153,9 +153,10 @@ class KernelTest(parameterized.TestCase):
 
         def loss_and_grads(kernel, p):
             def loss(params):
-                (z, _), _ = net(kernel).apply(
+                output, _ = net(kernel).apply(
                     {**variables, "params": params}, x, p, train=True, mutable=["batch_stats"]
                 )
+                z = output.logits
                 return jnp.sum(z * jnp.arange(10.0)), z
 
             return jax.value_and_grad(loss, has_aux=True)(variables["params"])
@@ -180,14 +181,16 @@ class KernelTest(parameterized.TestCase):
         @jax.jit
         def outputs(p):
             return [
-                model(kernel).apply(
+                model(kernel)
+                .apply(
                     variables,
                     x,
                     p,
                     train=True,
                     mutable=["batch_stats"],
                     rngs={"dropout": jax.random.key(2)},
-                )[0][0]
+                )[0]
+                .logits
                 for kernel in ("jnp", self.kernel)
             ]
 

@@ -108,8 +108,8 @@ def test_every_logit_is_1_lipschitz_in_linf():
     # near pairs (the regime of certification) and far pairs
     scale = jnp.where(jnp.arange(512)[:, None, None, None] < 256, 0.01, 1.0)
     x2 = x + scale * jax.random.uniform(key_b, x.shape, minval=-1, maxval=1)
-    z1, _ = model.apply(variables, x, jnp.float32(jnp.inf))
-    z2, _ = model.apply(variables, x2, jnp.float32(jnp.inf))
+    z1 = model.apply(variables, x, jnp.float32(jnp.inf)).logits
+    z2 = model.apply(variables, x2, jnp.float32(jnp.inf)).logits
     input_distance = jnp.max(jnp.abs(x - x2).reshape(512, -1), axis=1)[:, None]
     # float32 logits carry rounding error: the bound must hold up to the slack that certification
     # subtracts from every margin (certify.rounding_slack), i.e. the slack must cover it.
@@ -123,7 +123,7 @@ def test_every_logit_is_1_lipschitz_in_linf():
 
 def test_changing_p_does_not_recompile():
     model, variables = _trained_like_net()
-    apply = jax.jit(lambda v, x, p: model.apply(v, x, p)[0])
+    apply = jax.jit(lambda v, x, p: model.apply(v, x, p).logits)
     x = jnp.ones((2, 4, 4, 3))
     for p in (8.0, 9.5, 1000.0, np.inf):
         apply(variables, x, jnp.float32(p))

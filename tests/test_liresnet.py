@@ -14,6 +14,7 @@ from certjax.certify import norms
 from certjax.certify.margins import smallest_margin
 from certjax.losses import emma, gloro_trades
 from certjax.models import liresnet
+from certjax.models.common import lipschitz
 from certjax.optim import schedules
 
 
@@ -38,8 +39,8 @@ def _residual_block(width=4, side=16, depth=2, scale=1.0, seed=0):
 
 
 def _merged_kernel(block, variables, shape):
-    _, state = block.apply(variables, jnp.zeros(shape), train=False, mutable=[liresnet.FROZEN])
-    return state[liresnet.FROZEN]["kernel"]
+    _, state = block.apply(variables, jnp.zeros(shape), train=False, mutable=[lipschitz.FROZEN])
+    return state[lipschitz.FROZEN]["kernel"]
 
 
 @pytest.mark.parametrize("seed,scale", [(0, 1.0), (1, 0.3), (2, 0.01)])
@@ -66,7 +67,7 @@ def test_strided_conv_bounds_hold_against_the_dense_norm(kernel_size, stride, pa
     """Stem (5x5/2, space-to-depth), neck (4x4/4, disjoint patches: exact) and a non-square 3x3."""
     kernel = jax.random.normal(jax.random.key(side + cin), (kernel_size, kernel_size, cin, cout))
     shape = (1, side, side, cin)
-    true_norm = _dense_norm(lambda v: liresnet.conv(v, kernel, stride, padding, "highest"), shape)
+    true_norm = _dense_norm(lambda v: lipschitz.conv(v, kernel, stride, padding, "highest"), shape)
     bound = norms.conv_norm_bound(kernel, stride, padding, side)
     assert true_norm <= bound * (1 + 1e-6)  # float32 Jacobian entries are exact kernel values
     if stride == kernel_size:
@@ -78,14 +79,14 @@ def test_strided_conv_bounds_hold_against_the_dense_norm(kernel_size, stride, pa
 def test_power_iteration_converges_to_the_dense_norm_from_below():
     block, variables, shape = _residual_block(seed=3, side=8)
     kernel = _merged_kernel(block, variables, shape)
-    true_norm = _dense_norm(lambda v: liresnet.conv(v, kernel, 1, 1, "highest"), shape)
+    true_norm = _dense_norm(lambda v: lipschitz.conv(v, kernel, 1, 1, "highest"), shape)
 
     def operator(v):
-        return liresnet.conv(v, kernel, 1, 1, "highest")
+        return lipschitz.conv(v, kernel, 1, 1, "highest")
 
     @jax.jit
     def five_more(u):
-        u = liresnet.power_iteration(operator, u, 5)
+        u = lipschitz.power_iteration(operator, u, 5)
         return u, jnp.linalg.norm(operator(u))
 
     u = jax.random.normal(jax.random.key(4), shape)
@@ -103,11 +104,11 @@ def test_power_iteration_converges_to_the_dense_norm_from_below():
     @jax.jit
     def training_step(state):
         (_, sigma, _), state = block.apply(
-            {"params": variables["params"], **state}, jnp.zeros(shape), train=True, mutable=[liresnet.POWER]
+            {"params": variables["params"], **state}, jnp.zeros(shape), train=True, mutable=[lipschitz.POWER]
         )
         return sigma, state
 
-    state = {liresnet.POWER: variables[liresnet.POWER]}
+    state = {lipschitz.POWER: variables[lipschitz.POWER]}
     layer_estimates = []
     for _ in range(30):
         sigma, state = training_step(state)
@@ -127,7 +128,7 @@ def _tiny_net(seed=0, noise=0.05):
 
 def test_network_empirical_lipschitz_ratio_is_below_the_guaranteed_bound():
     model, variables = _tiny_net()
-    bounds = liresnet.certificate_bounds(model, variables)
+    bounds = liresnet.certificate_bounds(model, variables, (1, 32, 32, 3))
     report = bounds["report"]
     guaranteed, power = report["lipschitz_body_measured"], report["lipschitz_body_assumed"]
     assert power <= guaranteed <= 1.05 * power  # the estimate converged to within the FFT bound's slack
@@ -137,7 +138,7 @@ def test_network_empirical_lipschitz_ratio_is_below_the_guaranteed_bound():
 
     @jax.jit
     def features_and_logits(v):
-        return model.apply(variables, v, return_features=True), model.apply(variables, v)[0]
+        return model.apply(variables, v, return_features=True), model.apply(variables, v).logits
 
     x = rng.uniform(-0.5, 0.5, size=(64, 32, 32, 3)).astype(np.float32)
     distance_sets = []
@@ -223,7 +224,7 @@ def tiny_trained_liresnet():
     exp = Experiment(config)
     trainer = Trainer(exp)
     state = exp.init_state()
-    initial_vectors = jax.tree.map(np.asarray, state.model_state[liresnet.POWER])
+    initial_vectors = jax.tree.map(np.asarray, state.model_state[lipschitz.POWER])
     batches = exp.batches.iterate(0, exp.total_steps)
     for step in range(exp.total_steps):
         values = schedules.schedule_values(config, step, exp.total_steps)
@@ -235,7 +236,7 @@ def tiny_trained_liresnet():
 
 def test_training_updates_the_power_iteration_vectors(tiny_trained_liresnet):
     exp, state, initial = tiny_trained_liresnet
-    final = state.model_state[liresnet.POWER]
+    final = state.model_state[lipschitz.POWER]
     for name, value in initial.items():
         assert not np.allclose(np.asarray(final[name]["u"]), value["u"])
         assert np.linalg.norm(np.asarray(final[name]["u"])) == pytest.approx(1.0, rel=1e-4)  # normalised
@@ -250,7 +251,7 @@ def test_pgd_l2_never_breaks_a_certified_liresnet_point(tiny_trained_liresnet):
     variables = {"params": state.params, **state.model_state}
 
     def logits_fn(x):
-        return exp.model.apply(variables, (x - mean) / std)[0]
+        return exp.model.apply(variables, (x - mean) / std).logits
 
     eps = config.certify.eps
     cert = exp.certifier.certify_batches(
@@ -330,7 +331,7 @@ def test_rounding_allowance_covers_the_float64_logits(tiny_trained_liresnet):
     exact, rows = _float64_logits(
         exp.model,
         state.params,
-        bounds["variables"][liresnet.FROZEN],
+        bounds["variables"][lipschitz.FROZEN],
         images,
         exp.config.data.mean,
         exp.config.data.std,
@@ -349,7 +350,7 @@ def test_rounding_allowance_covers_the_float64_logits(tiny_trained_liresnet):
     fresh = exp.model.apply(
         {"params": state.params, **state.model_state},
         (images / 255.0 - np.asarray(exp.config.data.mean)) / np.asarray(exp.config.data.std),
-    )[0]
+    ).logits
     np.testing.assert_allclose(np.asarray(fresh), logits, atol=1e-5)
 
 
@@ -393,14 +394,14 @@ def test_emma_gradient_equals_the_plain_xla_convolution_path(monkeypatch):
     images = jax.random.uniform(jax.random.key(1), (6, 32, 32, 3), minval=-0.5, maxval=0.5)
     labels = jnp.arange(6) % 10
     variables = model.init(jax.random.key(0), images[:1])
-    params, state = variables["params"], {liresnet.POWER: variables[liresnet.POWER]}
+    params, state = variables["params"], {lipschitz.POWER: variables[lipschitz.POWER]}
 
     def gradient():
         def loss(params):
-            (logits, pair), _ = model.apply(
-                {"params": params, **state}, images, train=True, mutable=[liresnet.POWER]
+            output, _ = model.apply(
+                {"params": params, **state}, images, train=True, mutable=[lipschitz.POWER]
             )
-            return jnp.mean(emma(logits, pair, labels, {"eps_train": 0.3}, None))
+            return jnp.mean(emma(output.logits, output.pair_bound, labels, {"eps_train": 0.3}, None))
 
         return jax.jit(jax.grad(loss))(params)
 

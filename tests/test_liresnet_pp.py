@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from certjax.models import cholesky, liresnet, liresnet_pp
+from certjax.models import liresnet, liresnet_pp
+from certjax.models.common import cholesky, lipschitz
 from tests.test_liresnet import _conv64
 
 # ------------------------------------------------------------------------------ Cholesky orthogonalisation
@@ -100,7 +101,7 @@ def _random_variables(module, inputs, seed: int, **kwargs):
         noise = rng.normal(size=leaf.shape).astype(np.float32)
         if "gamma" in name:
             return jnp.asarray(1.0 + 0.3 * noise)
-        if liresnet.POWER in name:
+        if lipschitz.POWER in name:
             return jnp.asarray(noise)
         if "batch_stats" in name:
             return jnp.asarray(0.2 + 0.1 * noise)
@@ -122,7 +123,7 @@ def test_centred_block_training_output_equals_its_definition_and_evaluation_with
     params = variables["params"]
     old_mean = np.full(8, 0.25, np.float32)
     variables = {**variables, "batch_stats": {"mean": jnp.asarray(old_mean)}}
-    train_apply = jax.jit(lambda v: block.apply(v, x, train=True, mutable=["batch_stats", liresnet.POWER]))
+    train_apply = jax.jit(lambda v: block.apply(v, x, train=True, mutable=["batch_stats", lipschitz.POWER]))
     eval_apply = jax.jit(lambda v: block.apply(v, x, train=False)[0])
     (y_train, _, _), updates = train_apply(variables)
     # definition (blocks.py LiResConv, training): x + conv_V(x) - mean(conv_V(x)) + bias, float64
@@ -159,7 +160,7 @@ def test_centred_block_keeps_the_batch_mean_in_the_gradient():
     def gradients(params):
         def total(params, train):
             (y, _, _), _ = block.apply(
-                {**others, "params": params}, x, train=train, mutable=["batch_stats", liresnet.POWER]
+                {**others, "params": params}, x, train=train, mutable=["batch_stats", lipschitz.POWER]
             )
             return jnp.sum(y * channel_weights)
 
@@ -183,7 +184,7 @@ def tiny():
     """A tiny LiResNet++ (random parameters, nonzero running means) on 8 x 8 inputs and its bounds."""
     model = liresnet_pp.LiResNetPP(depth=2, width=8, num_classes=10, neck_features=32, mlp_depth=2)
     variables = _random_variables(model, jnp.zeros((1, SIDE, SIDE, 3)), 0)
-    bounds = liresnet_pp.certificate_bounds(model, variables, input_shape=(1, SIDE, SIDE, 3))
+    bounds = liresnet_pp.certificate_bounds(model, variables, image_shape=(1, SIDE, SIDE, 3))
     return model, variables, bounds
 
 
@@ -191,11 +192,11 @@ def test_every_layer_bound_is_above_the_dense_norm_of_the_layer_as_applied(tiny)
     """Each layer's linear part as the module applies it with the frozen weights (biases and running means
     zeroed), against the certificate's bound: above it, and equal for the exact SVDs."""
     model, variables, bounds = tiny
-    frozen, sigmas = bounds["variables"][liresnet.FROZEN], bounds["report"]["layer_sigma_bound"]
+    frozen, sigmas = bounds["variables"][lipschitz.FROZEN], bounds["report"]["layer_sigma_bound"]
     assert set(sigmas) == {"stem", "block1", "block2", "neck_conv", "neck_linear", "mlp1", "mlp2"}
     half = SIDE // 2
     modules = {
-        "stem": (liresnet.LipschitzConv(8, 5, 2, 2), (1, SIDE, SIDE, 3)),
+        "stem": (lipschitz.LipschitzConv(8, 5, 2, 2), (1, SIDE, SIDE, 3)),
         "block1": (liresnet_pp.CentredResidualConv(8, 2), (1, half, half, 8)),
         "block2": (liresnet_pp.CentredResidualConv(8, 2), (1, half, half, 8)),
         "neck_conv": (liresnet_pp.CholeskyConv(8), (1, half, half, 8)),
@@ -208,7 +209,7 @@ def test_every_layer_bound_is_above_the_dense_norm_of_the_layer_as_applied(tiny)
         params = dict(variables["params"][name])
         if "bias" in params:
             params["bias"] = jnp.zeros_like(params["bias"])
-        layer_variables[name] = {"params": params, liresnet.FROZEN: frozen[name]}
+        layer_variables[name] = {"params": params, lipschitz.FROZEN: frozen[name]}
         if name.startswith("block"):
             layer_variables[name]["batch_stats"] = jax.tree.map(
                 jnp.zeros_like, variables["batch_stats"][name]
@@ -260,7 +261,8 @@ def test_network_lipschitz_ratio_by_gradient_ascent_is_below_the_guaranteed_boun
             return (pair[0] + 0.02 * unit(gx), pair[1] + 0.02 * unit(gy)), None
 
         (x, y), _ = jax.lax.scan(step, (x, y), None, length=20)
-        return x, y, jnp.exp(log_ratio(x, y)), model.apply(evaluated, x)[0], model.apply(evaluated, y)[0]
+        zx, zy = (model.apply(evaluated, v).logits for v in (x, y))
+        return x, y, jnp.exp(log_ratio(x, y)), zx, zy
 
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.uniform(-0.5, 0.5, size=(32, SIDE, SIDE, 3)), jnp.float32)
@@ -281,17 +283,17 @@ def test_network_lipschitz_ratio_by_gradient_ascent_is_below_the_guaranteed_boun
 def test_training_forward_uses_power_iteration_for_convs_and_one_for_cholesky_layers(tiny):
     model, variables, _ = tiny
     x = jnp.asarray(np.random.default_rng(3).uniform(-0.5, 0.5, size=(4, SIDE, SIDE, 3)), jnp.float32)
-    (_, pair), state = jax.jit(
+    output, state = jax.jit(
         lambda v, x: model.apply(
-            v, x, train=True, mutable=[liresnet.POWER, "batch_stats", liresnet.ESTIMATES]
+            v, x, train=True, mutable=[lipschitz.POWER, "batch_stats", lipschitz.ESTIMATES]
         )
     )(variables, x)
-    estimates = {name: float(v["sigma"][0]) for name, v in state[liresnet.ESTIMATES].items()}
+    estimates = {name: float(v["sigma"][0]) for name, v in state[lipschitz.ESTIMATES].items()}
     assert set(estimates) == {"stem", "block1", "block2"}  # no power iteration for the Cholesky layers
-    assert set(state[liresnet.POWER]) == {"stem", "block1", "block2"}
+    assert set(state[lipschitz.POWER]) == {"stem", "block1", "block2"}
     rows = liresnet.normalized_rows(variables["params"]["head"]["kernel"])
-    expected = np.prod(list(estimates.values())) * np.asarray(liresnet.pairwise_distances(rows))
-    np.testing.assert_allclose(np.asarray(pair), expected, rtol=1e-5, atol=1e-7)
+    expected = np.prod(list(estimates.values())) * np.asarray(lipschitz.pairwise_distances(rows))
+    np.testing.assert_allclose(np.asarray(output.pair_bound), expected, rtol=1e-5, atol=1e-7)
 
 
 # ------------------------------------------------------------------------ a tiny net trained by launch.py
@@ -348,7 +350,7 @@ def test_audit_breaks_no_certificate_of_the_launched_net(launched):
     from certjax import audit
 
     stdout, exp, state = launched
-    assert "certified" in stdout and exp.family.THREAT_MODEL == "l2"
+    assert "certified" in stdout and exp.family.threat_model == "l2"
     images, labels = exp.sources.test.read(TEST_POINTS)
     report = audit.audit_model(exp, state, images, labels, steps=20, restarts=1, targets=2, batch_size=100)
     assert report["certified_points"] >= 5, "the tiny model certifies too few points for a meaningful audit"
@@ -404,7 +406,7 @@ def test_rounding_allowance_covers_a_float64_forward(launched):
         exp.model,
         state.params,
         state.model_state["batch_stats"],
-        bounds["variables"][liresnet.FROZEN],
+        bounds["variables"][lipschitz.FROZEN],
         images,
     )
     logits, bound = np.asarray(logits, np.float64), np.asarray(logit_error, np.float64)

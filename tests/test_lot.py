@@ -205,9 +205,9 @@ def test_lipconvnet_is_1_lipschitz_in_l2_on_random_pairs(lln):
     x = rng.normal(size=(64, 32, 32, 3)).astype(np.float32)
     near = x + 1e-2 * rng.normal(size=x.shape).astype(np.float32)
     far = rng.normal(size=x.shape).astype(np.float32)
-    apply = jax.jit(lambda v, x: model.apply(v, x)[0])  # one program (op by op, minutes of tiny compiles)
+    apply = jax.jit(lambda v, x: model.apply(v, x).logits)  # one program (op by op, minutes of tiny compiles)
     fx = np.asarray(apply(variables, x), np.float64)
-    bounds = lot.certificate_bounds(model, variables)
+    bounds = lot.certificate_bounds(model, variables, (1, 32, 32, 3))
     body = bounds["report"]["lipschitz_body_measured"]
     assert 0.99 < body <= 1.0 + 1e-4
     for y in (near, far):
@@ -231,7 +231,7 @@ def test_gradients_are_finite():
     labels = jnp.arange(4)
 
     def loss(params):
-        logits, _ = model.apply({"params": params}, x)
+        logits = model.apply({"params": params}, x).logits
         return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels])
 
     grads = jax.jit(jax.grad(loss))(variables["params"])
@@ -295,7 +295,7 @@ def test_pgd_l2_never_breaks_a_certified_lot_point(tiny_trained_lot):
     frozen = exp.certifier.certificate_bounds(state.params, state.model_state)["variables"]
 
     def logits_fn(x):
-        return exp.model.apply({"params": state.params, **frozen}, (x - mean) / std)[0]
+        return exp.model.apply({"params": state.params, **frozen}, (x - mean) / std).logits
 
     eps = config.certify.eps
     cert = exp.certifier.certify_batches(
@@ -385,7 +385,7 @@ def test_rounding_allowance_covers_the_float64_logits(tiny_trained_lot):
     fresh = exp.model.apply(
         {"params": state.params},
         (images / 255.0 - np.asarray(exp.config.data.mean)) / np.asarray(exp.config.data.std),
-    )[0]
+    ).logits
     np.testing.assert_allclose(np.asarray(fresh), np.asarray(logits), atol=1e-4)
 
 

@@ -10,8 +10,9 @@ import pytest
 import certjax
 from certjax.attack import pgd
 from certjax.data.sources import make_real_source
-from certjax.models import lot, lot_certify
-from certjax.models.layers import normalized_rows
+from certjax.models import lot
+from certjax.models.common import lot_certify
+from certjax.models.common.layers import normalized_rows
 
 
 def _exact_logits(params, frozen, x, blocks, lln):
@@ -118,7 +119,7 @@ def test_pgd_breaks_no_certificate_of_the_float64_certifier(lot_model):
     variables = {"params": model._params, lot.FROZEN: model._bounds["variables"][lot.FROZEN]}
 
     def logits_fn(pixels):
-        return model._exp.model.apply(variables, (pixels - mean) / std)[0]
+        return model._exp.model.apply(variables, (pixels - mean) / std).logits
 
     pixels = jnp.asarray(images[certified], jnp.float32) / 255.0
     _, margin = pgd(

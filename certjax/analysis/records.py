@@ -87,7 +87,7 @@ def threat_model_of(record: dict) -> str:
     try:
         from certjax.models import get_family
 
-        return get_family(record.get("family", "")).THREAT_MODEL
+        return get_family(record.get("family", "")).threat_model
     except (ValueError, ImportError):
         return ""
 

@@ -22,6 +22,7 @@ import numpy as np
 from certjax.certify import interval as interval_bounds
 from certjax.certify.rounding import normalisation_error_linf, round_up_float32
 from certjax.certify.threat_models import get_threat_model
+from certjax.models import certified_logits
 
 DEFAULT_RADIUS_FACTORS = (0.0, 0.5, 1.0, 1.5, 2.0)
 
@@ -50,7 +51,7 @@ class Certifier:
     def __init__(self, experiment):
         self.exp = experiment
         self.config = experiment.config
-        self.threat_model = get_threat_model(experiment.family.THREAT_MODEL)
+        self.threat_model = get_threat_model(experiment.family.threat_model)
         self.certify_fn = self.threat_model.certify
         self.certify_method = experiment.certify_method
         self.eval_step = jax.jit(self._eval_step, out_shardings=experiment.replicated)
@@ -69,17 +70,8 @@ class Certifier:
         input_error_gain: how much the network can amplify an error of its (normalised) input, from the
         family's certificate_bounds (1 for 1-Lipschitz bodies)."""
         images = self.exp.inputs(batch["image"])
-        (logits, _), aux = self.exp.model.apply(
-            {"params": params, **model_state},
-            images,
-            jnp.float32(jnp.inf),
-            train=False,
-            mutable=["rounding"],
-        )
-        op_errors = jax.tree.leaves(aux.get("rounding", {}))
-        if not op_errors:
-            return logits, jnp.zeros(logits.shape[:1], jnp.float32)
-        return logits, input_error_gain * self.input_error(images) + sum(op_errors)
+        logits, op_error = certified_logits(self.exp.model, {"params": params, **model_state}, images)
+        return logits, input_error_gain * self.input_error(images) + op_error
 
     def _ibp_step(self, params, model_state, batch, eps_normalised):
         """Certified flags by interval bounds at p = inf over the eps ball (normalised units) around the exact
@@ -88,10 +80,10 @@ class Certifier:
         box = self.exp.input_box(
             images, eps_normalised, normalisation_error_linf(images, self.config.data.std)
         )
-        logits, _, (lower, upper) = self.exp.model.apply(
-            {"params": params, **model_state}, images, jnp.float32(jnp.inf), train=False, box=box
+        output = self.exp.model.apply(
+            {"params": params, **model_state}, images, jnp.float32(jnp.inf), train=False, interval=box
         )
-        return interval_bounds.ibp_certified(logits, lower, upper, batch["label"])
+        return interval_bounds.ibp_certified(output.logits, *output.logit_bounds, batch["label"])
 
     def ibp_radii(self) -> list[float]:
         """Pixel radii certified by interval bounds: certify.eps and every nonzero radius of certify.radii
@@ -101,11 +93,8 @@ class Certifier:
     def certificate_bounds(self, params, model_state) -> dict:
         """The family's per-checkpoint bounds (cached evaluation variables, pair Lipschitz constants), or the
         defaults of a family without the hook (nothing cached, the threat model's constant bound)."""
-        hook = getattr(self.exp.family, "certificate_bounds", None)
-        if hook is None:
-            return {"variables": {}, "pair_lipschitz": None, "assumed_pair_lipschitz": None, "report": {}}
         variables = {"params": params, **model_state}
-        return hook(self.exp.model, variables, input_shape=(1, *self.exp.image_shape))
+        return self.exp.family.certificate_bounds(self.exp.model, variables, (1, *self.exp.image_shape))
 
     # -- the certify loop
 

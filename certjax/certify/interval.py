@@ -43,6 +43,7 @@ derived in the kernel's module docstring).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +61,22 @@ _BLOCK_ELEMENTS = 1 << 24
 # ((a n + b) / p + c) u. jnp: this module's docstring; kernel: certjax.kernels.lp_bounds_pallas's.
 JNP_ALLOWANCE = (5.0, 8.0, 16.0)
 KERNEL_ALLOWANCE = (8.0, 32.0, 32.0)
+
+
+class Interval(NamedTuple):
+    """Elementwise bounds lower <= x <= upper of a tensor: the value interval bound propagation moves through
+    the layers (each layer maps the Interval of its input to the Interval of its output)."""
+
+    lower: jax.Array
+    upper: jax.Array
+
+    def per_example(self) -> Interval:
+        """Both ends flattened to [B, -1] (the dense layers' view)."""
+        return Interval(*(end.reshape(end.shape[0], -1) for end in self))
+
+    def negated(self) -> Interval:
+        """The interval of -x: [-upper, -lower] (exact)."""
+        return Interval(-self.upper, -self.lower)
 
 
 def _round_down(x):
@@ -265,20 +282,20 @@ def sort_distance_bounds(lower, upper, w, weights):
 
 
 def shift_bounds(lower, upper, shift):
-    """[lower + shift, upper + shift] (bias, or minus a mean-shift mean), rounded outward."""
-    return round_outward(lower + shift, upper + shift)
+    """[lower + shift, upper + shift] (bias, or minus a mean-shift mean), rounded outward, as an Interval."""
+    return Interval(*round_outward(lower + shift, upper + shift))
 
 
 def input_box(images, eps, valid_lower, valid_upper, input_error=0.0):
     """The l_inf ball of radius eps (normalised units) around normalised images, widened by input_error (a
     bound of the float32 error of the normalisation, per example or scalar) and intersected with the valid
     pixel range [valid_lower, valid_upper] (per channel, the normalised images of 0 and 1, already rounded
-    outward). Returns (lower, upper) of the images' shape, rounded outward."""
+    outward). Returns the Interval (lower, upper) of the images' shape, rounded outward."""
     error = jnp.reshape(jnp.asarray(input_error, jnp.float32), (-1,) + (1,) * (images.ndim - 1))
     radius = _round_up(eps + error)  # the sum rounds too: never below eps + input_error
     lower = _round_down(images - radius)
     upper = _round_up(images + radius)
-    return jnp.maximum(lower, valid_lower), jnp.minimum(upper, valid_upper)
+    return Interval(jnp.maximum(lower, valid_lower), jnp.minimum(upper, valid_upper))
 
 
 def valid_pixel_range(mean, std):

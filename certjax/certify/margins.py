@@ -14,8 +14,8 @@ r' * min(std) in pixel space. `pixel_radius_scale` is the one place this is fold
 
 Rounding: logits are computed in float32, so the computed margin can exceed the exact one by accumulated
 rounding error. Families that can bound it (the l_inf-dist layers sow a per-op bound, see
-`models.layers.sow_rounding_error`) pass `logit_error`, a per-example bound of every logit's absolute error,
-and margins are reduced by 2 * logit_error; on top of that every margin is reduced by
+`models.common.layers.sow_rounding_error`) pass `logit_error`, a per-example bound of every logit's absolute
+error, and margins are reduced by 2 * logit_error; on top of that every margin is reduced by
 `rounding_slack(...)`, and the comparison is strict: a point on the boundary (or any tie, e.g. all-zero
 logits) is never certified.
 """
@@ -153,11 +153,17 @@ CERTIFY_METHODS = ("margin", "ibp", "both")
 
 def certify_method(config, family) -> str:
     """config.certify.method checked against the family: "margin" (the Lipschitz margin), "ibp" (interval
-    bounds over the input box, certjax.certify.interval) or "both" (certified if either proves it). Families
-    with
-    interval bounds declare INTERVAL_BOUNDS (the l_inf ones); a config saved before the switch has no method:
-    "both" where the family has bounds, else "margin". Bad values raise ValueError naming the fix."""
-    supports = bool(getattr(family, "INTERVAL_BOUNDS", False))
+    bounds over the input box, certjax.certify.interval) or "both" (certified if either proves it).
+
+    Args:
+      config: the run's config (certify.method, model.name).
+      family: its certjax.models.Family; `interval_bounds` says whether it has interval bounds (the l_inf
+        families).
+
+    Returns:
+      The method; a config saved before the switch has none: "both" where the family has interval bounds,
+      else "margin". Bad values raise ValueError naming the fix."""
+    supports = family.interval_bounds
     method = config.certify.get("method", None)
     if method is None:
         return "both" if supports else "margin"
@@ -166,7 +172,7 @@ def certify_method(config, family) -> str:
     if method != "margin" and not supports:
         raise ValueError(
             f"certify.method {method!r}: interval bounds exist only for the l_inf families (linf_dist, "
-            f"sortnet); model.name {config.model.name!r} is certified by its {family.THREAT_MODEL} Lipschitz "
+            f"sortnet); model.name {config.model.name!r} is certified by its {family.threat_model} Lipschitz "
             "margin: use --config.certify.method=margin"
         )
     return method

@@ -211,7 +211,7 @@ THREAT_MODELS = {model.name: model for model in (LINF, L2)}
 
 
 def get_threat_model(name: str) -> ThreatModel:
-    """The record of a threat model by its config name (a family's THREAT_MODEL).
+    """The record of a threat model by its config name (a family's threat_model).
 
     Args:
       name: "linf" or "l2".

@@ -69,7 +69,7 @@ def export_model(model, out_dir: str, platforms=PLATFORMS) -> dict:
     staging = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(out_dir)}-")
     try:
         for dtype, name in ARTIFACTS.items():
-            images = jax.ShapeDtypeStruct((batch, 32, 32, 3), jnp.dtype(dtype))
+            images = jax.ShapeDtypeStruct((batch, *exp.image_shape), jnp.dtype(dtype))
             exported = jax.export.export(jax.jit(forward), platforms=tuple(platforms))(weight_specs, images)
             with open(os.path.join(staging, name), "wb") as f:
                 f.write(exported.serialize())

@@ -45,14 +45,14 @@ class CertifiedModel:
         self._exp = experiment
         self._params, self._model_state = state.params, state.model_state
         self._bounds = experiment.certifier.certificate_bounds(state.params, state.model_state)
-        self._threat = get_threat_model(experiment.family.THREAT_MODEL)
+        self._threat = get_threat_model(experiment.family.threat_model)
         config = experiment.config
         self.config = config
         self.batch_size = int(config.train.eval_batch_size)
         self.info = {
             "family": config.get("family", config.model.name),
             "variant": config.get("variant", ""),
-            "threat_model": experiment.family.THREAT_MODEL,
+            "threat_model": experiment.family.threat_model,
             "eps": float(config.certify.eps),
             "mean": [float(m) for m in config.data.mean],
             "std": [float(s) for s in config.data.std],

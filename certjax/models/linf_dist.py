@@ -15,11 +15,10 @@ import jax
 import jax.numpy as jnp
 
 from certjax.certify import interval as bounds
+from certjax.certify.interval import Interval
 from certjax.kernels.linf_dist import lp_distance
-from certjax.models.layers import MeanShift, sow_rounding_error
-
-THREAT_MODEL = "linf"
-INTERVAL_BOUNDS = True  # apply(..., box=(lower, upper)) also returns logit bounds (certjax.certify.interval)
+from certjax.models import Family, ModelOutput
+from certjax.models.common.layers import MeanShift, check_certifying, sow_rounding_error
 
 
 def identity_init(scale: float = -10.0):
@@ -55,33 +54,33 @@ class DistLayer(nn.Module):
     distance_kernel: str = "auto"  # implementation of the distance, certjax.kernels.linf_dist.KERNELS
 
     @nn.compact
-    def __call__(self, x, p, *, train: bool, stat_mask=None, interval=None):
-        """y [B, O]; with interval = (lower, upper) bounds of x, returns (y, (lower, upper) bounds of y)
+    def __call__(self, x, p, *, train: bool, stat_mask=None, interval: Interval | None = None, certify=False):
+        """(y [B, O], the Interval of y or None): with `interval` (the Interval of x), y's bounds
         (certjax.certify.interval: the same mean shift and bias on both ends, rounded outward)."""
         in_features = x.shape[-1]
         use_identity = self.identity and (in_features <= self.features or self.identity_narrowing)
         init = identity_init() if use_identity else nn.initializers.normal(1.0)
         w = self.param("kernel", init, (self.features, in_features))
         y = lp_distance(x, w, p, kernel=self.distance_kernel)
-        sow_rounding_error(self, y)  # |x_i - w_i| rounds once; the max itself is exact
+        sow_rounding_error(self, y, certify)  # |x_i - w_i| rounds once; the max itself is exact
         if interval is not None:
-            interval = bounds.lp_distance_bounds(*interval, w, p, kernel=self.distance_kernel)
+            interval = Interval(*bounds.lp_distance_bounds(*interval, w, p, kernel=self.distance_kernel))
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,))
             y = y + bias
-            sow_rounding_error(self, y)
+            sow_rounding_error(self, y, certify)
             if interval is not None:
                 interval = bounds.shift_bounds(*interval, bias)
         if self.mean_shift:
-            return MeanShift()(y, train=train, stat_mask=stat_mask, interval=interval)
-        return y if interval is None else (y, interval)
+            return MeanShift()(y, train=train, stat_mask=stat_mask, interval=interval, certify=certify)
+        return y, interval
 
 
 class LinfDistNet(nn.Module):
     """depth distance layers: (depth - 1) x [width, mean shift], then [num_classes, bias].
 
-    Input: normalised images [B, 32, 32, 3] (flattened here). Returns (z, s): raw logits z = -y_last, each
-    1-Lipschitz in l_inf at p = inf, and the learnable logit scale s used by the cross-entropy term.
+    Input: normalised images [B, H, W, C] (flattened here). Returns a ModelOutput: raw logits z = -y_last,
+    each 1-Lipschitz in l_inf at p = inf, and the learnable logit scale s used by the cross-entropy term.
     """
 
     depth: int = 6
@@ -92,11 +91,13 @@ class LinfDistNet(nn.Module):
     distance_kernel: str = "auto"  # "auto" | "pallas" | "jnp" | "interpret" (config.model.kernel)
 
     @nn.compact
-    def __call__(self, x, p=jnp.inf, *, train: bool = False, box=None):
-        """box: optional (lower, upper) of the inputs' shape; then also returns interval bounds of the raw
-        logits, (z, s, (z_lower, z_upper)), from interval bound propagation (certjax.certify.interval)."""
+    def __call__(self, x, p=jnp.inf, *, train: bool = False, interval: Interval | None = None, certify=False):
+        """interval: optional Interval of the inputs (their shape); then the output's logit_bounds are
+        interval bounds of the raw logits (interval bound propagation, certjax.certify.interval). certify: the
+        certifying forward (certjax.models.certified_logits): every op sows its rounding bound."""
+        certify = check_certifying(self, certify)
         h = x.reshape(x.shape[0], -1)
-        interval = None if box is None else tuple(b.reshape(b.shape[0], -1) for b in box)
+        interval = None if interval is None else interval.per_example()
         for _ in range(self.depth - 1):
             layer = DistLayer(
                 self.width,
@@ -105,19 +106,19 @@ class LinfDistNet(nn.Module):
                 identity_narrowing=self.identity_narrowing,
                 distance_kernel=self.distance_kernel,
             )
-            out = layer(h, p, train=train, interval=interval)
-            h, interval = (out, None) if box is None else out
+            h, interval = layer(h, p, train=train, interval=interval, certify=certify)
         last = DistLayer(
             self.num_classes, use_bias=True, mean_shift=False, distance_kernel=self.distance_kernel
         )
         scale = self.param("logit_scale", nn.initializers.ones, ())
-        if box is None:
-            return -last(h, p, train=train), scale
-        y, (lower, upper) = last(h, p, train=train, interval=interval)
-        return -y, scale, (-upper, -lower)
+        y, interval = last(h, p, train=train, interval=interval, certify=certify)
+        return ModelOutput(
+            -y, logit_scale=scale, logit_bounds=None if interval is None else interval.negated()
+        )
 
 
 def build(model_config, num_classes: int) -> nn.Module:
+    """The LinfDistNet of `config.model` (depth, width, identity_init, identity_narrowing, kernel)."""
     return LinfDistNet(
         depth=model_config.depth,
         width=model_config.width,
@@ -126,3 +127,6 @@ def build(model_config, num_classes: int) -> nn.Module:
         identity_narrowing=model_config.get("identity_narrowing", False),
         distance_kernel=model_config.get("kernel", "auto"),  # configs saved before the switch: "auto"
     )
+
+
+FAMILY = Family(name="linf_dist", threat_model="linf", build=build, interval_bounds=True)

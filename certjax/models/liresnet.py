@@ -40,8 +40,8 @@ Rounding at evaluation. Certificates are for the network in exact arithmetic. Wi
 a rounding error e of layer l's output grows to at most e prod_{m > l} sigma_m at the features (MinMax is
 1-Lipschitz and exact), and a worst-case float32 bound, gamma_m sum_i |k_i x_i| with gamma_m = m u / (1 - m u)
 for a length-m dot product (Higham, Thm. 3.1: any summation order, with or without FMA), times that product
-(~100 for a trained net) would take a visible share of the margins. So the certifying forward (the one that
-asks for the "rounding" collection) runs the body in float64 (`jax.enable_x64` inside the trace; the kernels
+(~100 for a trained net) would take a visible share of the margins. So the certifying forward (`certify=True`,
+certjax.models.certified_logits) runs the body in float64 (`jax.enable_x64` inside the trace; the kernels
 are float32 values, exact in float64), where the same worst-case bound is ~1e-9 of the features: per layer
 gamma_m ||K||_F r ||x|| + u ||y|| (Cauchy-Schwarz per output; every input pixel is read by at most r^2 =
 ceil(k / s)^2 output positions; u ||y|| for the bias addition), accumulated as E = sum_l local_l
@@ -55,7 +55,6 @@ forward. Checked against a float64 numpy forward in tests/test_liresnet.py.
 from __future__ import annotations
 
 import contextlib
-import math
 
 import flax
 import flax.linen as nn
@@ -64,160 +63,35 @@ import jax.numpy as jnp
 import numpy as np
 
 from certjax.certify.margins import pair_lipschitz_matrix
-from certjax.certify.norms import conv_norm_bound, l2_norm_per_example, pairwise_row_distances
-from certjax.certify.rounding import (
-    FLOAT32_UNIT_ROUNDOFF,
-    gamma,
-    round_up_float32_array,
-    round_up_to_float32_traced,
-)
-from certjax.kernels.conv import conv2d
-from certjax.models.layers import (
+from certjax.certify.norms import conv_norm_bound, pairwise_row_distances
+from certjax.certify.rounding import round_up_float32_array
+from certjax.models import Family, ModelOutput
+from certjax.models.common.layers import (
     NormalizedLinear,
+    check_certifying,
     computed_collection,
     max_min,
     normalized_rows,
-    sow_l2_rounding_error,
+)
+from certjax.models.common.lipschitz import (
+    BOUND_SAFETY,
+    ESTIMATES,
+    EVAL_POWER_ITERATIONS,
+    FROZEN,
+    POWER,
+    POWER_ITERATIONS,
+    LipschitzConv,
+    certified_features,
+    conv,
+    dense,
+    dirac_kernel,
+    lipschitz_layer,
+    pairwise_distances,
+    power_estimates,
+    torch_uniform,
 )
 
-THREAT_MODEL = "l2"
 SIZES = {"XS": (6, 128), "S": (12, 128), "M": (18, 128), "L": (18, 256)}  # (depth, width): LiResNet LxWy
-POWER = "power_iteration"  # persistent power-iteration vectors, one per layer, shape (1,) + input shape
-FROZEN = "liresnet_frozen"  # evaluation: every layer's kernel as applied and its guaranteed sigma
-ESTIMATES = "lipschitz_estimate"  # sown per-layer power-iteration estimates, when asked for
-POWER_ITERATIONS = 10  # per training step (the snapshot's num_lc_iter)
-EVAL_POWER_ITERATIONS = 500  # the snapshot's evaluation: "let the power method converge"
-BOUND_SAFETY = 1.0 + 1e-6  # on each float64 FFT + SVD bound (their relative errors are ~1e-15)
-_HIGHEST = jax.lax.Precision.HIGHEST
-
-
-# ------------------------------------------------------------------------------------------- linear maps
-
-
-def conv(x, kernel, stride: int, padding: int, precision=None, fast_gradient: bool = False):
-    """NHWC x HWIO cross-correlation with symmetric zero padding (PyTorch's Conv2d).
-
-    fast_gradient (the training forward): the same convolution whose kernel gradient is computed by chunked
-    im2col GEMMs on CPU (certjax/kernels/conv.py, ~3x XLA:CPU's own; reverse mode only). Otherwise XLA's
-    convolution, which forward-mode autodiff (the tests' exact Jacobians) can also differentiate."""
-    if fast_gradient:
-        return conv2d(x, kernel, stride, padding, precision)
-    return jax.lax.conv_general_dilated(
-        x,
-        kernel,
-        (stride, stride),
-        ((padding, padding), (padding, padding)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        precision=precision,
-    )
-
-
-def dense(x, kernel, precision=None, fast_gradient: bool = False):
-    del fast_gradient  # XLA's matmul gradients are GEMMs already
-    return jnp.matmul(x, kernel, precision=precision)
-
-
-def power_iteration(linear_fn, u, iterations: int):
-    """`iterations` steps u <- A^T A u / ||A^T A u|| (A^T through jax.vjp) from u (normalised first)."""
-
-    def normalise(v):
-        return v / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(v))), 1e-12)
-
-    def step(_, v):
-        image, transpose = jax.vjp(linear_fn, v)
-        return normalise(transpose(image)[0])
-
-    return jax.lax.fori_loop(0, iterations, step, normalise(u))
-
-
-def dirac_kernel(width: int, size: int = 3, dtype=jnp.float32):
-    """The identity as a size x size HWIO kernel (torch.nn.init.dirac_)."""
-    c = size // 2
-    return jnp.zeros((size, size, width, width), dtype).at[c, c].set(jnp.eye(width, dtype=dtype))
-
-
-def _torch_uniform(fan_in: int):
-    """PyTorch's default Linear / Conv2d initialisation: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in)
-    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
-
-
-# ----------------------------------------------------------------------------------------------- layers
-
-
-def _lipschitz_layer(
-    module: nn.Module, x, kernel, bias, linear, *, reuse: int, train: bool, iterations, estimate: bool = True
-):
-    """Everything a LiResNet layer shares: the kernel as applied (cached at evaluation), the output, the
-    power-iteration estimate of sigma_max, and the rounding allowance. Computes in x's dtype (float64 in the
-    certifying forward). `reuse`: every input element is read by at most reuse^2 outputs per output channel.
-    estimate=False (LiResNet++'s Cholesky-orthogonalised layers): no power-iteration vector, sigma taken as 1
-    in training as the original does; certificate_bounds measures the layer all the same.
-    Returns (y, sigma_estimate, rounding) with rounding = (local error [B], guaranteed sigma) when the
-    "rounding" collection is asked for."""
-    if module.has_variable(FROZEN, "kernel"):
-        kernel = module.get_variable(FROZEN, "kernel")
-    elif module.is_mutable_collection(FROZEN) and not module.is_initializing():
-        module.put_variable(FROZEN, "kernel", kernel)
-    kernel, bias = kernel.astype(x.dtype), bias.astype(x.dtype)
-    precision = None if train else _HIGHEST  # evaluation in full precision on GPUs too (no TF32)
-    y = linear(x, kernel, precision, train) + bias
-
-    shape = (1,) + x.shape[1:]
-    if not estimate:
-        sigma = jnp.ones((), x.dtype)
-    elif module.is_initializing() or module.has_variable(POWER, "u"):
-        u = module.variable(POWER, "u", lambda: jax.random.normal(module.make_rng("params"), shape))
-        if train:
-            fixed = jax.lax.stop_gradient(kernel)
-            iterate = power_iteration(lambda v: linear(v, fixed, precision), u.value, iterations)
-            if module.is_mutable_collection(POWER) and not module.is_initializing():
-                u.value = iterate  # warm start for the next step
-        else:
-            iterate = u.value / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(u.value))), 1e-12)
-        sigma = jnp.sqrt(jnp.sum(jnp.square(linear(iterate.astype(x.dtype), kernel, precision))))
-    elif train:
-        raise ValueError(f"{module.name}: training needs the {POWER!r} collection (power-iteration vectors)")
-    else:
-        sigma = jnp.full((), jnp.nan, x.dtype)  # evaluation without the vectors: no estimate
-    if estimate and module.is_mutable_collection(ESTIMATES) and not module.is_initializing():
-        module.sow(ESTIMATES, "sigma", sigma)
-
-    rounding = None
-    if module.is_mutable_collection("rounding") and not module.is_initializing():
-        if not module.has_variable(FROZEN, "sigma_bound"):
-            raise ValueError("the rounding allowance needs the guaranteed bounds: certificate_bounds(...)")
-        products = math.prod(kernel.shape[:-1])  # terms of every output's dot product
-        frobenius = jnp.sqrt(jnp.sum(jnp.square(kernel)))
-        unit = float(jnp.finfo(x.dtype).eps) / 2.0
-        local = gamma(products, x.dtype) * frobenius * reuse * l2_norm_per_example(x)
-        local = local + unit * l2_norm_per_example(y)
-        # x 1.01: the allowance itself is computed with rounding (relative error ~1e-15 in float64)
-        rounding = (1.01 * local, module.get_variable(FROZEN, "sigma_bound").astype(x.dtype))
-    return y, sigma, rounding
-
-
-class LipschitzConv(nn.Module):
-    """Plain conv (stem, neck): PyTorch's conv geometry, orthogonal kernel init (the snapshot's Conv2d)."""
-
-    features: int
-    kernel_size: int
-    stride: int = 1
-    padding: int = 0
-    iterations: int = POWER_ITERATIONS
-
-    @nn.compact
-    def __call__(self, x, *, train: bool):
-        k, cin = self.kernel_size, x.shape[-1]
-        kernel = self.param("kernel", nn.initializers.orthogonal(), (k, k, cin, self.features))
-        bias = self.param("bias", _torch_uniform(cin * k * k), (self.features,))
-
-        def linear(v, w, precision, fast_gradient=False):
-            return conv(v, w, self.stride, self.padding, precision, fast_gradient)
-
-        return _lipschitz_layer(
-            self, x, kernel, bias, linear, reuse=-(-k // self.stride), train=train, iterations=self.iterations
-        )
 
 
 class LinearResidualConv(nn.Module):
@@ -228,7 +102,7 @@ class LinearResidualConv(nn.Module):
     iterations: int = POWER_ITERATIONS
 
     @nn.compact
-    def __call__(self, x, *, train: bool):
+    def __call__(self, x, *, train: bool, certify: bool = False):
         width = self.features
         if x.shape[-1] != width:
             raise ValueError(f"a residual block needs {width} input channels, got {x.shape[-1]}")
@@ -244,8 +118,8 @@ class LinearResidualConv(nn.Module):
         def linear(v, w, precision, fast_gradient=False):
             return conv(v, w, 1, 1, precision, fast_gradient)
 
-        return _lipschitz_layer(
-            self, x, kernel, bias, linear, reuse=3, train=train, iterations=self.iterations
+        return lipschitz_layer(
+            self, x, kernel, bias, linear, reuse=3, train=train, iterations=self.iterations, certify=certify
         )
 
 
@@ -254,20 +128,13 @@ class LipschitzDense(nn.Module):
     iterations: int = POWER_ITERATIONS
 
     @nn.compact
-    def __call__(self, x, *, train: bool):
+    def __call__(self, x, *, train: bool, certify: bool = False):
         fan_in = x.shape[-1]
-        kernel = self.param("kernel", _torch_uniform(fan_in), (fan_in, self.features))
-        bias = self.param("bias", _torch_uniform(fan_in), (self.features,))
-        return _lipschitz_layer(
-            self, x, kernel, bias, dense, reuse=1, train=train, iterations=self.iterations
+        kernel = self.param("kernel", torch_uniform(fan_in), (fan_in, self.features))
+        bias = self.param("bias", torch_uniform(fan_in), (self.features,))
+        return lipschitz_layer(
+            self, x, kernel, bias, dense, reuse=1, train=train, iterations=self.iterations, certify=certify
         )
-
-
-def pairwise_distances(rows):
-    """||r_i - r_j|| [C, C], 0 on the diagonal with a zero (not NaN) gradient there."""
-    squared = jnp.sum(jnp.square(rows[:, None, :] - rows[None, :, :]), axis=-1)
-    eye = jnp.eye(rows.shape[0], dtype=bool)
-    return jnp.where(eye, 0.0, jnp.sqrt(jnp.where(eye, 1.0, squared)))
 
 
 class LiResNet(nn.Module):
@@ -285,7 +152,9 @@ class LiResNet(nn.Module):
     eval_iterations: int = EVAL_POWER_ITERATIONS  # certificate_bounds: the snapshot's 500 before evaluation
 
     @nn.compact
-    def __call__(self, x, p=None, *, train: bool = False, return_features: bool = False):
+    def __call__(self, x, p=None, *, train: bool = False, return_features: bool = False, certify=False):
+        """A ModelOutput (logits, pair_bound), or the features with return_features. certify: the certifying
+        forward (certjax.models.certified_logits): the body in float64 with its rounding bound."""
         del p  # no l_p phase
         if x.shape[1] != x.shape[2] or x.shape[1] % 8:
             raise ValueError(f"LiResNet needs square inputs with a side divisible by 8, got {x.shape}")
@@ -298,14 +167,14 @@ class LiResNet(nn.Module):
             LipschitzConv(2 * self.width, 4, 4, 0, self.iterations, name="neck_conv"),
             LipschitzDense(self.neck_features, self.iterations, name="neck_linear"),
         ]
-        certifying = self.is_mutable_collection("rounding") and not self.is_initializing()
+        certifying = check_certifying(self, certify)
         with jax.enable_x64(True) if certifying else contextlib.nullcontext():
             h = jnp.asarray(x, jnp.float64) if certifying else jnp.asarray(x)  # numpy float64 -> float32
             lipschitz, error = 1.0, None
             for layer in layers:
                 if isinstance(layer, LipschitzDense):
                     h = h.reshape(h.shape[0], -1)
-                h, sigma, rounding = layer(h, train=train)
+                h, sigma, rounding = layer(h, train=train, certify=certifying)
                 h = max_min(h)
                 lipschitz = lipschitz * sigma
                 if rounding is not None:
@@ -317,21 +186,13 @@ class LiResNet(nn.Module):
         if return_features:
             return h
         head = NormalizedLinear(self.num_classes, name="head")
-        logits = head(h)
+        logits = head(h, certify=certifying)
         rows = normalized_rows(head.variables["params"]["kernel"])
-        return logits, lipschitz * pairwise_distances(rows)
-
-
-def certified_features(module: nn.Module, h, error):
-    """The certifying forward's float64 body output h -> float32 features for the float32 LLN head; sows the
-    rounding allowance: the body's accumulated error bound `error` + rounding the features to float32 + the
-    head's float32 matmul (worst case, unit rows), on top of what NormalizedLinear sows itself."""
-    error = error + (FLOAT32_UNIT_ROUNDOFF + 1.01 * gamma(h.shape[-1], jnp.float32)) * l2_norm_per_example(h)
-    sow_l2_rounding_error(module, round_up_to_float32_traced(error))
-    return h.astype(jnp.float32)
+        return ModelOutput(logits, pair_bound=lipschitz * pairwise_distances(rows))
 
 
 def build(model_config, num_classes: int) -> nn.Module:
+    """The LiResNet of `config.model` (depth, width, neck_features, power_iterations, ...)."""
     return LiResNet(
         depth=model_config.depth,
         width=model_config.width,
@@ -353,8 +214,10 @@ def layer_geometry(model: LiResNet) -> dict[str, tuple[int, int, int] | None]:
     return geometry
 
 
-def certificate_bounds(model: LiResNet, variables, input_shape=(1, 32, 32, 3)) -> dict:
+def certificate_bounds(model: LiResNet, variables, image_shape) -> dict:
     """Guaranteed and power-iteration margin bounds of a checkpoint.
+
+    image_shape: the batch shape (1, H, W, C) of the dataset's images.
 
     Returns variables ({"liresnet_frozen": kernels as applied + guaranteed sigmas}), pair_lipschitz [C, C]
     (guaranteed: prod of the layers' FFT/SVD bounds times ||w_p - w_i|| of the normalised head rows as
@@ -363,7 +226,7 @@ def certificate_bounds(model: LiResNet, variables, input_shape=(1, 32, 32, 3)) -
     guaranteed K: how much an error of the normalised input can move the features) and a report.
     """
     variables = {name: value for name, value in variables.items() if name not in (FROZEN, ESTIMATES)}
-    input_shape = tuple(input_shape)
+    input_shape = tuple(image_shape)
     frozen = flax.core.unfreeze(computed_collection(model, variables, input_shape, FROZEN))
     vectors = variables.get(POWER)
     if vectors is None:
@@ -379,8 +242,8 @@ def certificate_bounds(model: LiResNet, variables, input_shape=(1, 32, 32, 3)) -
         sigmas[name] = sigma * BOUND_SAFETY
         frozen[name]["sigma_bound"] = jnp.asarray(round_up_float32_array(sigmas[name]))
     guaranteed = float(np.prod(list(sigmas.values())))
-    stored = _power_estimates(model, variables, input_shape, 0)
-    converged = _power_estimates(model, variables, input_shape, model.eval_iterations)
+    stored = power_estimates(model, variables, input_shape, 0)
+    converged = power_estimates(model, variables, input_shape, model.eval_iterations)
     power = float(np.prod(list(converged.values())))
 
     # The head normalises its rows in float32 inside the jitted forward; the rows computed here may differ in
@@ -403,22 +266,4 @@ def certificate_bounds(model: LiResNet, variables, input_shape=(1, 32, 32, 3)) -
     }
 
 
-_COMPILED: dict = {}  # (model, input shape, iterations) -> jitted computation: compiled once per run
-
-
-def _power_estimates(model, variables, input_shape, iterations: int) -> dict[str, float]:
-    """Per-layer power-iteration estimates after `iterations` more warm-started steps (0: the stored
-    vectors as the last training step left them)."""
-    key = ("power", repr(model), input_shape, iterations)
-    if key not in _COMPILED:
-        probe = model.clone(iterations=iterations)
-
-        @jax.jit
-        def compute(variables):
-            dummy = jnp.zeros(input_shape, jnp.float32)
-            _, state = probe.apply(variables, dummy, train=True, mutable=[POWER, ESTIMATES])
-            return state[ESTIMATES]
-
-        _COMPILED[key] = compute
-    estimates = _COMPILED[key](variables)
-    return {name: float(np.asarray(value["sigma"][0])) for name, value in estimates.items()}
+FAMILY = Family(name="liresnet", threat_model="l2", build=build, certificate_bounds=certificate_bounds)

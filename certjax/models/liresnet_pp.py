@@ -22,7 +22,7 @@ Parameter layouts differ from the original's only by permutations of weight colu
 patch order, NHWC flattening); the orthogonalisation is row-wise, so it is unaffected.
 
 Training-time K (model.py sub_lipschitz): the product of power-iteration estimates of the stem and every
-block (10 warm-started iterations per step, liresnet's `_lipschitz_layer`; the original starts from a vector
+block (10 warm-started iterations per step, liresnet's `lipschitz_layer`; the original starts from a vector
 of ones, certjax from a random one); the Cholesky layers count as 1 (Map2Vec / LiResMLP `lipschitz` return 1
 in training). The margin bound of the EMMA losses is K ||w_i - w_j|| with the normalised head rows.
 
@@ -51,9 +51,16 @@ import numpy as np
 from certjax.certify.margins import pair_lipschitz_matrix
 from certjax.certify.norms import conv_norm_bound, pairwise_row_distances
 from certjax.certify.rounding import round_up_float32_array
-from certjax.models.cholesky import cholesky_orthogonalize
-from certjax.models.layers import NormalizedLinear, computed_collection, max_min, normalized_rows
-from certjax.models.liresnet import (
+from certjax.models import Family, ModelOutput
+from certjax.models.common.cholesky import cholesky_orthogonalize
+from certjax.models.common.layers import (
+    NormalizedLinear,
+    check_certifying,
+    computed_collection,
+    max_min,
+    normalized_rows,
+)
+from certjax.models.common.lipschitz import (
     BOUND_SAFETY,
     ESTIMATES,
     EVAL_POWER_ITERATIONS,
@@ -61,16 +68,15 @@ from certjax.models.liresnet import (
     POWER,
     POWER_ITERATIONS,
     LipschitzConv,
-    _lipschitz_layer,
-    _power_estimates,
     certified_features,
     conv,
     dense,
     dirac_kernel,
+    lipschitz_layer,
     pairwise_distances,
+    power_estimates,
 )
 
-THREAT_MODEL = "l2"
 STATS = "batch_stats"  # the running means of the centred blocks (Trainer.recalibrate's collection)
 MOMENTUM = 0.1  # blocks.py LiResConv: running_mean += (mean - running_mean) * 0.1
 NECK_PATCH = 4  # Map2Vec: 4x4 conv, stride 4
@@ -85,7 +91,7 @@ class CentredResidualConv(nn.Module):
     momentum: float = MOMENTUM
 
     @nn.compact
-    def __call__(self, x, *, train: bool):
+    def __call__(self, x, *, train: bool, certify: bool = False):
         width = self.features
         if x.shape[-1] != width:
             raise ValueError(f"a residual block needs {width} input channels, got {x.shape[-1]}")
@@ -104,11 +110,19 @@ class CentredResidualConv(nn.Module):
 
         if not train:  # blocks.py: biases = bias - running_mean, one conv with the merged kernel
             shift = bias - running_mean.value
-            return _lipschitz_layer(
-                self, x, kernel, shift, linear, reuse=3, train=False, iterations=self.iterations
+            return lipschitz_layer(
+                self,
+                x,
+                kernel,
+                shift,
+                linear,
+                reuse=3,
+                train=False,
+                iterations=self.iterations,
+                certify=certify,
             )
-        y, sigma, rounding = _lipschitz_layer(
-            self, x, kernel, bias, linear, reuse=3, train=True, iterations=self.iterations
+        y, sigma, rounding = lipschitz_layer(  # training: never the certifying forward
+            self, x, kernel, bias, linear, reuse=3, train=True, iterations=self.iterations, certify=False
         )
         # the residual branch conv_V(x) = conv_{I + V}(x) - x: its per-channel mean over batch and space
         batch_mean = jnp.mean(y - x, axis=(0, 1, 2)) - bias
@@ -135,7 +149,7 @@ class CholeskyConv(nn.Module):
     features: int
 
     @nn.compact
-    def __call__(self, x, *, train: bool):
+    def __call__(self, x, *, train: bool, certify: bool = False):
         cin, k = x.shape[-1], NECK_PATCH
         if x.shape[1] % k or x.shape[2] % k:
             raise ValueError(f"the neck's {k}x{k}/{k} conv needs a side divisible by {k}, got {x.shape}")
@@ -153,8 +167,17 @@ class CholeskyConv(nn.Module):
             return conv(v, w, k, 0, precision, fast_gradient)
 
         no_bias = jnp.zeros((self.features,), jnp.float32)
-        return _lipschitz_layer(
-            self, x, kernel, no_bias, linear, reuse=1, train=train, iterations=0, estimate=False
+        return lipschitz_layer(
+            self,
+            x,
+            kernel,
+            no_bias,
+            linear,
+            reuse=1,
+            train=train,
+            iterations=0,
+            estimate=False,
+            certify=certify,
         )
 
 
@@ -167,7 +190,7 @@ class CholeskyDense(nn.Module):
     residual_depth: int = 0
 
     @nn.compact
-    def __call__(self, x, *, train: bool):
+    def __call__(self, x, *, train: bool, certify: bool = False):
         fan_in = x.shape[-1]
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
         if self.residual_depth:
@@ -189,8 +212,8 @@ class CholeskyDense(nn.Module):
                 (self.features, fan_in),
             )
         kernel = _frozen_or(self, lambda: cholesky_orthogonalize(weight).T)  # [in, out] for x @ kernel
-        return _lipschitz_layer(
-            self, x, kernel, bias, dense, reuse=1, train=train, iterations=0, estimate=False
+        return lipschitz_layer(
+            self, x, kernel, bias, dense, reuse=1, train=train, iterations=0, estimate=False, certify=certify
         )
 
 
@@ -209,7 +232,11 @@ class LiResNetPP(nn.Module):
     eval_iterations: int = EVAL_POWER_ITERATIONS  # certificate_bounds: the original's 500 before evaluation
 
     @nn.compact
-    def __call__(self, x, p=None, *, train: bool = False, return_features: bool = False, dropout=None):
+    def __call__(
+        self, x, p=None, *, train: bool = False, return_features: bool = False, dropout=None, certify=False
+    ):
+        """A ModelOutput (logits, pair_bound), or the features with return_features. certify: the certifying
+        forward (certjax.models.certified_logits): the body in float64 with its rounding bound."""
         del p, dropout  # no l_p phase, no dropout (Trainer.recalibrate passes dropout=False)
         if x.shape[1] != x.shape[2] or x.shape[1] % 8:
             raise ValueError(f"LiResNet++ needs square inputs with a side divisible by 8, got {x.shape}")
@@ -227,14 +254,14 @@ class LiResNetPP(nn.Module):
             (CholeskyDense(self.neck_features, self.mlp_depth, name=f"mlp{i + 1}"), True)
             for i in range(self.mlp_depth)
         ]
-        certifying = self.is_mutable_collection("rounding") and not self.is_initializing()
+        certifying = check_certifying(self, certify)
         with jax.enable_x64(True) if certifying else contextlib.nullcontext():
             h = jnp.asarray(x, jnp.float64) if certifying else jnp.asarray(x)  # numpy float64 -> float32
             lipschitz, error = 1.0, None
             for layer, activate in layers:
                 if isinstance(layer, CholeskyDense) and h.ndim > 2:
                     h = h.reshape(h.shape[0], -1)
-                h, sigma, rounding = layer(h, train=train)
+                h, sigma, rounding = layer(h, train=train, certify=certifying)
                 if activate:
                     h = max_min(h)
                 lipschitz = lipschitz * sigma
@@ -247,12 +274,13 @@ class LiResNetPP(nn.Module):
         if return_features:
             return h
         head = NormalizedLinear(self.num_classes, name="head")
-        logits = head(h)
+        logits = head(h, certify=certifying)
         rows = normalized_rows(head.variables["params"]["kernel"])
-        return logits, lipschitz * pairwise_distances(rows)
+        return ModelOutput(logits, pair_bound=lipschitz * pairwise_distances(rows))
 
 
 def build(model_config, num_classes: int) -> nn.Module:
+    """The LiResNetPP of `config.model` (depth, width, neck_features, mlp_depth, power_iterations, ...)."""
     return LiResNetPP(
         depth=model_config.depth,
         width=model_config.width,
@@ -285,7 +313,7 @@ def layer_geometry(model: LiResNetPP, input_side: int) -> dict[str, tuple[int, i
     return geometry
 
 
-def certificate_bounds(model: LiResNetPP, variables, input_shape=(1, 32, 32, 3)) -> dict:
+def certificate_bounds(model: LiResNetPP, variables, image_shape) -> dict:
     """Guaranteed and assumed margin bounds of a checkpoint (the fields of liresnet.certificate_bounds).
 
     Returns variables ({"liresnet_frozen": weights as applied + guaranteed sigmas}), pair_lipschitz [C, C]
@@ -295,7 +323,7 @@ def certificate_bounds(model: LiResNetPP, variables, input_shape=(1, 32, 32, 3))
     and a report with every layer's figures and how far the Cholesky layers are from the 1 training assumes.
     """
     variables = {name: value for name, value in variables.items() if name not in (FROZEN, ESTIMATES)}
-    input_shape = tuple(input_shape)
+    input_shape = tuple(image_shape)  # (1, H, W, C): the dataset's images
     if POWER not in variables or STATS not in variables:
         raise ValueError(
             f"certificate_bounds needs the {POWER!r} and {STATS!r} collections of the checkpoint"
@@ -314,8 +342,8 @@ def certificate_bounds(model: LiResNetPP, variables, input_shape=(1, 32, 32, 3))
         sigmas[name] = sigma * BOUND_SAFETY
         frozen[name]["sigma_bound"] = jnp.asarray(round_up_float32_array(sigmas[name]))
     guaranteed = float(np.prod(list(sigmas.values())))
-    stored = _power_estimates(model, variables, input_shape, 0)
-    converged = _power_estimates(model, variables, input_shape, model.eval_iterations)
+    stored = power_estimates(model, variables, input_shape, 0)
+    converged = power_estimates(model, variables, input_shape, model.eval_iterations)
     cholesky_product = float(np.prod(list(cholesky.values())))
     power = float(np.prod(list(converged.values()))) * cholesky_product
 
@@ -339,3 +367,12 @@ def certificate_bounds(model: LiResNetPP, variables, input_shape=(1, 32, 32, 3))
             "eval_power_iterations": model.eval_iterations,
         },
     }
+
+
+FAMILY = Family(
+    name="liresnet_pp",
+    threat_model="l2",
+    build=build,
+    certificate_bounds=certificate_bounds,
+    recalibrates_statistics=recalibrates_statistics,
+)

@@ -49,16 +49,18 @@ from certjax.certify.norms import (
 )
 from certjax.certify.rounding import FLOAT32_SPACING_AT_ONE, round_up_float32_array
 from certjax.kernels.orthogonal_conv import fft_conv, orthogonal_frequency_weights
-from certjax.models.layers import (
+from certjax.models import Family, ModelOutput
+from certjax.models.common.layers import (
     NormalizedLinear,
+    check_certifying,
     computed_collection,
     max_min,
     normalized_rows,
     sow_l2_rounding_error,
 )
-from certjax.models.lot_certify import certified_logits
+from certjax.models.common.lipschitz import torch_uniform
+from certjax.models.common.lot_certify import certified_logits
 
-THREAT_MODEL = "l2"
 NEWTON_SCHULZ_ITERATIONS = 10
 GRAM_REGULARISER = 1e-4  # lot_ortho_conv.py: S + 1e-4 I and ||S||_F + 1e-4
 FROZEN = "lot_frozen"  # collection of the cached orthogonalised frequency weights
@@ -121,11 +123,6 @@ def identity_kernel(key, shape, dtype=jnp.float32):
     return jnp.zeros(shape, dtype).at[k // 2, k // 2].set(jnp.eye(cin, cout, dtype=dtype))
 
 
-def _torch_uniform(fan_in: int):
-    bound = 1.0 / math.sqrt(fan_in)
-    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
-
-
 class LOTConv(nn.Module):
     """One LOT layer: NHWC in, NHWC out (stride 2 halves the side and reads 4 cin channels)."""
 
@@ -135,7 +132,7 @@ class LOTConv(nn.Module):
     iterations: int = NEWTON_SCHULZ_ITERATIONS
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, *, certify: bool = False):
         if self.stride == 2:
             x = space_to_depth(x)
         elif self.stride != 1:
@@ -149,10 +146,10 @@ class LOTConv(nn.Module):
         square = cin == self.features
         fan_in = cin * k * k
         kernel = self.param(
-            "kernel", identity_kernel if square else _torch_uniform(fan_in), (k, k, cin, self.features)
+            "kernel", identity_kernel if square else torch_uniform(fan_in), (k, k, cin, self.features)
         )
         bias = self.param(
-            "bias", nn.initializers.zeros if square else _torch_uniform(fan_in), (self.features,)
+            "bias", nn.initializers.zeros if square else torch_uniform(fan_in), (self.features,)
         )
         if self.has_variable(FROZEN, "weights"):
             w = self.get_variable(FROZEN, "weights")
@@ -171,6 +168,7 @@ class LOTConv(nn.Module):
             self,
             FLOAT32_SPACING_AT_ONE
             * (8.0 * (2.0 * log_n + math.sqrt(cin)) * l2_norm_per_example(x) + l2_norm_per_example(y)),
+            certify,
         )
         return y
 
@@ -190,16 +188,17 @@ class LipConvNet(nn.Module):
     iterations: int = NEWTON_SCHULZ_ITERATIONS
 
     @nn.compact
-    def __call__(self, x, p=None, *, train: bool = False):
+    def __call__(self, x, p=None, *, train: bool = False, certify: bool = False):
+        """A ModelOutput: logits and logit_scale 1. certify: the certifying forward
+        (certjax.models.certified_logits): float64 with a proven error bound, on the cached weights and
+        measured sigmas of certificate_bounds (certjax/models/common/lot_certify.py)."""
         del p, train  # no l_p phase, no batch statistics
         if x.shape[1] % 32 or x.shape[1] != x.shape[2]:
             raise ValueError(f"LipConvNet needs square inputs with a side divisible by 32, got {x.shape}")
-        if self.is_mutable_collection("rounding") and not self.is_initializing():
-            # The certifying forward (evaluation asks for "rounding"): float64 with a proven error bound,
-            # on the cached weights and measured sigmas of certificate_bounds (lot_certify.py).
+        if check_certifying(self, certify):
             logits, error = certified_logits(self.variables, x, FROZEN, normalized_rows)
-            sow_l2_rounding_error(self, error)
-            return logits, jnp.ones((), logits.dtype)
+            sow_l2_rounding_error(self, error, certify)
+            return ModelOutput(logits, logit_scale=jnp.ones((), logits.dtype))
         planes = self.init_channels
         h = x
         for stage in range(5):
@@ -221,10 +220,11 @@ class LipConvNet(nn.Module):
         else:
             logits = LOTConv(self.num_classes, 1, 1, self.iterations, name="last")(h)
             logits = logits.reshape(logits.shape[0], -1)
-        return logits, jnp.ones((), logits.dtype)
+        return ModelOutput(logits, logit_scale=jnp.ones((), logits.dtype))
 
 
 def build(model_config, num_classes: int) -> nn.Module:
+    """The LipConvNet of `config.model` (size, init_channels, lln, iterations)."""
     size = model_config.size
     if size not in SIZES:
         raise ValueError(f"model.size {size!r}; valid: {sorted(SIZES)}")
@@ -240,8 +240,10 @@ def build(model_config, num_classes: int) -> nn.Module:
 # ------------------------------------------------------------------------------------------- certification
 
 
-def certificate_bounds(model: LipConvNet, variables, input_shape=(1, 32, 32, 3)) -> dict:
+def certificate_bounds(model: LipConvNet, variables, image_shape) -> dict:
     """Cached orthogonalised weights and the l_2 margin bounds of a checkpoint.
+
+    image_shape: the batch shape (1, H, W, C) of the dataset's images (the layers' frequency grids).
 
     Returns variables ({"lot_frozen": ...} for evaluation), pair_lipschitz [C, C] (the measured bound of
     z_y - z_j: prod of every body layer's exact sigma_max times ||w_y - w_j|| of the last layer as applied,
@@ -249,7 +251,7 @@ def certificate_bounds(model: LipConvNet, variables, input_shape=(1, 32, 32, 3))
     and a report of the measured figures.
     """
     variables = {name: value for name, value in variables.items() if name != FROZEN}
-    frozen = flax.core.unfreeze(computed_collection(model, variables, tuple(input_shape), FROZEN))
+    frozen = flax.core.unfreeze(computed_collection(model, variables, tuple(image_shape), FROZEN))
     flat = flax.traverse_util.flatten_dict(frozen)
     sigmas, last_rows = {}, None
     for path, w in sorted(flat.items()):
@@ -291,3 +293,6 @@ def certificate_bounds(model: LipConvNet, variables, input_shape=(1, 32, 32, 3))
             "last_layer_sigma_max": last_sigma,
         },
     }
+
+
+FAMILY = Family(name="lot", threat_model="l2", build=build, certificate_bounds=certificate_bounds)

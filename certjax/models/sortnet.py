@@ -33,13 +33,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from certjax.certify import interval as bounds
+from certjax.certify.interval import Interval
 from certjax.kernels.linf_dist import lp_distance, masked_lp_distance
 from certjax.kernels.sort_neuron import sort_distance, sort_weights
-from certjax.models.layers import MeanShift, sow_rounding_error
+from certjax.models import Family, ModelOutput
+from certjax.models.common.layers import MeanShift, check_certifying, sow_rounding_error
 from certjax.models.linf_dist import DistLayer
 
-THREAT_MODEL = "linf"
-INTERVAL_BOUNDS = True  # apply(..., box=(lower, upper)) also returns logit bounds (certjax.certify.interval)
 DROPOUT_GROUP = 32  # samples sharing one dropout subset (zbh2047/SortNet SUB_BATCH)
 MODES = ("dropout", "exact")
 
@@ -70,16 +70,16 @@ class SortLayer(nn.Module):
     distance_kernel: str = "auto"  # l_p / masked distances: certjax.kernels.linf_dist.KERNELS
 
     @nn.compact
-    def __call__(self, x, p, *, train: bool, in_mask=None, stat_mask=None, interval=None):
-        """y [B, O]; with interval = (lower, upper) bounds of x, (y, bounds of y) (certjax.certify.interval):
-        the
-        l_p / masked distance's bounds where y is that distance, else the sort neuron's."""
+    def __call__(self, x, p, *, train: bool, in_mask=None, stat_mask=None, interval=None, certify=False):
+        """(y [B, O], the Interval of y or None): with `interval` (the Interval of x), y's bounds
+        (certjax.certify.interval): the l_p / masked distance's where y is that distance, else the sort
+        neuron's."""
         w = self.param("kernel", nn.initializers.normal(1.0), (self.features, x.shape[-1]))
         if in_mask is not None:
             y = masked_lp_distance(x, w, in_mask, p, kernel=self.distance_kernel)
             if interval is not None:
-                interval = bounds.lp_distance_bounds(
-                    *interval, w, p, mask=in_mask, kernel=self.distance_kernel
+                interval = Interval(
+                    *bounds.lp_distance_bounds(*interval, w, p, mask=in_mask, kernel=self.distance_kernel)
                 )
         else:
             weights = jnp.asarray(float32_sort_weights(self.q, x.shape[-1]))
@@ -90,22 +90,24 @@ class SortLayer(nn.Module):
                 lambda: lp_distance(x, w, p, kernel=self.distance_kernel),
             )
             # |x_i - w_i| rounds once per term, c_k s_k once, and the K-term sum K - 1 times: <= (K + 1) u y.
-            sow_rounding_error(self, y * (len(weights) + 1))
+            sow_rounding_error(self, y * (len(weights) + 1), certify)
             if interval is not None:
-                interval = jax.lax.cond(
-                    jnp.isinf(p),
-                    lambda: bounds.sort_distance_bounds(*interval, w, weights),
-                    lambda: bounds.lp_distance_bounds(*interval, w, p, kernel=self.distance_kernel),
+                interval = Interval(
+                    *jax.lax.cond(
+                        jnp.isinf(p),
+                        lambda: bounds.sort_distance_bounds(*interval, w, weights),
+                        lambda: bounds.lp_distance_bounds(*interval, w, p, kernel=self.distance_kernel),
+                    )
                 )
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,))
             y = y + bias
-            sow_rounding_error(self, y)
+            sow_rounding_error(self, y, certify)
             if interval is not None:
                 interval = bounds.shift_bounds(*interval, bias)
         if self.mean_shift:
-            return MeanShift()(y, train=train, stat_mask=stat_mask, interval=interval)
-        return y if interval is None else (y, interval)
+            return MeanShift()(y, train=train, stat_mask=stat_mask, interval=interval, certify=certify)
+        return y, interval
 
 
 class SortNet(nn.Module):
@@ -117,15 +119,18 @@ class SortNet(nn.Module):
     distance_kernel: str = "auto"  # "auto" | "pallas" | "jnp" | "interpret" (config.model.kernel)
 
     @nn.compact
-    def __call__(self, x, p=jnp.inf, *, train: bool = False, dropout: bool | None = None, box=None):
-        """Returns (raw logits z, each 1-Lipschitz in l_inf at p = inf, logit scale s).
+    def __call__(
+        self, x, p=jnp.inf, *, train: bool = False, dropout: bool | None = None, interval=None, certify=False
+    ):
+        """A ModelOutput: raw logits z, each 1-Lipschitz in l_inf at p = inf, and the logit scale s.
 
         dropout: None = the configured mode in training, never at evaluation; False forces the deterministic
         path (used to recompute running means).
-        box: optional (lower, upper) of the inputs' shape; then returns (z, s, (z_lower, z_upper)), interval
-        bounds of the raw logits over the box (certjax.certify.interval), of the same path (dropout subsets
-        included).
+        interval: optional Interval of the inputs (their shape); then logit_bounds are interval bounds of the
+        raw logits over it (certjax.certify.interval), of the same path (dropout subsets included).
+        certify: the certifying forward (certjax.models.certified_logits): every op sows its rounding bound.
         """
+        certify = check_certifying(self, certify)
         if self.mode not in MODES:
             raise ValueError(f"model.mode {self.mode!r}; valid: {MODES}")
         use_dropout = train and self.mode == "dropout" if dropout is None else dropout
@@ -136,14 +141,13 @@ class SortNet(nn.Module):
         if use_dropout and self.q < 1.0 and not self.is_initializing():
             rngs = jax.random.split(self.make_rng("dropout"), len(sizes))
             masks = [dropout_mask(r, batch, n, self.q) for r, n in zip(rngs, sizes, strict=True)]
-        interval = None if box is None else tuple(b.reshape(b.shape[0], -1) for b in box)
-        out = DistLayer(self.width, mean_shift=True, distance_kernel=self.distance_kernel)(
-            h, p, train=train, stat_mask=masks[0], interval=interval
+        interval = None if interval is None else interval.per_example()
+        h, interval = DistLayer(self.width, mean_shift=True, distance_kernel=self.distance_kernel)(
+            h, p, train=train, stat_mask=masks[0], interval=interval, certify=certify
         )
-        h, interval = (out, None) if box is None else out
         for layer in range(1, self.depth):
             last = layer == self.depth - 1
-            out = SortLayer(
+            h, interval = SortLayer(
                 self.num_classes if last else self.width,
                 q=self.q,
                 use_bias=last,
@@ -156,16 +160,16 @@ class SortNet(nn.Module):
                 in_mask=masks[layer - 1],
                 stat_mask=None if last else masks[layer],
                 interval=interval,
+                certify=certify,
             )
-            h, interval = (out, None) if box is None else out
         scale = self.param("logit_scale", nn.initializers.ones, ())
-        if box is None:
-            return -h, scale
-        lower, upper = interval
-        return -h, scale, (-upper, -lower)
+        return ModelOutput(
+            -h, logit_scale=scale, logit_bounds=None if interval is None else interval.negated()
+        )
 
 
 def build(model_config, num_classes: int) -> nn.Module:
+    """The SortNet of `config.model` (depth, width, q, mode, kernel)."""
     return SortNet(
         depth=model_config.depth,
         width=model_config.width,
@@ -179,3 +183,12 @@ def build(model_config, num_classes: int) -> nn.Module:
 def recalibrates_statistics(model_config) -> bool:
     """Dropout training estimates mean-shift statistics on sub-networks: recompute them before evaluation."""
     return model_config.mode == "dropout"
+
+
+FAMILY = Family(
+    name="sortnet",
+    threat_model="linf",
+    build=build,
+    interval_bounds=True,
+    recalibrates_statistics=recalibrates_statistics,
+)

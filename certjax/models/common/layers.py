@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from certjax.certify.interval import shift_bounds
+from certjax.certify.interval import Interval, shift_bounds
 from certjax.certify.norms import l2_norm_per_example
 from certjax.certify.rounding import FLOAT32_SPACING_AT_ONE
 
@@ -20,15 +20,23 @@ from certjax.certify.rounding import FLOAT32_SPACING_AT_ONE
 # |r_computed| (1 + 2^-24); 2^-23 |r_computed| covers both with room to spare.
 
 
-def sow_rounding_error(module: nn.Module, result):
+def check_certifying(module: nn.Module, certify: bool) -> bool:
+    """certify, checked: a certifying forward must be able to sow its rounding bounds (run it through
+    certjax.models.certified_logits, which asks for the "rounding" collection)."""
+    if certify and not module.is_mutable_collection("rounding"):
+        raise ValueError("certify=True needs mutable=['rounding']: use certjax.models.certified_logits")
+    return certify and not module.is_initializing()
+
+
+def sow_rounding_error(module: nn.Module, result, certify: bool):
     """Record an upper bound of the rounding error of one elementwise float32 op, per example.
 
     For l_inf-Lipschitz-1 networks the error of every unit's value propagates to the logits with factor <= 1
     (every later op is 1-Lipschitz in l_inf), so the sum of these per-op bounds bounds each logit's error.
-    Evaluation asks for the "rounding" collection and certifies with margins reduced by twice the sum; in
-    training the collection is not mutable and this is a no-op.
+    The certifying forward (certify=True, certjax.models.certified_logits) certifies with margins reduced by
+    twice the sum; otherwise this is a no-op.
     """
-    if module.is_mutable_collection("rounding") and not module.is_initializing():
+    if certify and not module.is_initializing():
         bound = FLOAT32_SPACING_AT_ONE * jnp.max(jnp.abs(result).reshape(result.shape[0], -1), axis=1)
         module.sow("rounding", "abs_error", bound, init_fn=lambda: 0.0, reduce_fn=lambda a, b: a + b)
 
@@ -45,14 +53,14 @@ class MeanShift(nn.Module):
     momentum: float = 0.1  # PyTorch convention: running = (1 - momentum) * running + momentum * batch_mean
 
     @nn.compact
-    def __call__(self, x, *, train: bool, stat_mask=None, interval=None):
-        """interval: optional (lower, upper) bounds of x; then returns (shifted x, shifted bounds), the same
-        mean (the batch mean of x in training, the running mean at evaluation) taken off both ends."""
+    def __call__(self, x, *, train: bool, stat_mask=None, interval: Interval | None = None, certify=False):
+        """Returns (shifted x, shifted interval): the same mean (the batch mean of x in training, the running
+        mean at evaluation) taken off x and off both ends of `interval` (the Interval of x, or None)."""
         running_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(x.shape[1:], jnp.float32))
         if not train:
             shifted = x - running_mean.value
-            sow_rounding_error(self, shifted)
-            return _with_interval(shifted, interval, -running_mean.value)
+            sow_rounding_error(self, shifted, certify)
+            return shifted, _shifted(interval, -running_mean.value)
         if stat_mask is None:
             batch_mean = jnp.mean(x, axis=0)
         else:
@@ -64,15 +72,12 @@ class MeanShift(nn.Module):
             self.sow("batch_means", "mean", batch_mean)
         if not self.is_initializing():
             running_mean.value = (1.0 - self.momentum) * running_mean.value + self.momentum * batch_mean
-        return _with_interval(x - batch_mean, interval, -batch_mean)
+        return x - batch_mean, _shifted(interval, -batch_mean)
 
 
-def _with_interval(y, interval, shift):
-    """y alone, or (y, the interval shifted by `shift` and rounded outward) when an interval is given."""
-    if interval is None:
-        return y
-
-    return y, shift_bounds(*interval, shift)
+def _shifted(interval: Interval | None, shift) -> Interval | None:
+    """The interval shifted by `shift` and rounded outward (None stays None)."""
+    return None if interval is None else shift_bounds(*interval, shift)
 
 
 # ---------------------------------------------------------------------------------------- l_2 building blocks
@@ -92,24 +97,27 @@ def max_min(x):
     return jnp.concatenate([jnp.maximum(a, b), jnp.minimum(a, b)], axis=-1)
 
 
-def sow_l2_rounding_error(module: nn.Module, bound):
+def sow_l2_rounding_error(module: nn.Module, bound, certify: bool):
     """Record a per-example allowance for the l_2 norm of one layer's float32 rounding error.
 
     For l_2 networks whose later layers have spectral norm <= ~1 the allowances add up to a bound of the l_2
-    error of the logit vector, hence of every logit. Evaluation asks for "rounding" (see the l_inf variant).
+    error of the logit vector, hence of every logit. Only in the certifying forward (see the l_inf variant).
     """
-    if module.is_mutable_collection("rounding") and not module.is_initializing():
+    if certify and not module.is_initializing():
         module.sow("rounding", "l2_error", bound, init_fn=lambda: 0.0, reduce_fn=lambda a, b: a + b)
 
 
 class NormalizedLinear(nn.Module):
     """Last linear layer with rows divided by their l_2 norm ("lln", LOT lip_convnets.py NormalizedLinear):
-    the margin z_y - z_j is ||w_y/|w_y| - w_j/|w_j| ||-Lipschitz in l_2."""
+    the margin z_y - z_j is ||w_y/|w_y| - w_j/|w_j| ||-Lipschitz in l_2.
+
+    certify: the certifying forward: the matmul at HIGHEST precision (no TF32 on GPUs: its error would exceed
+    the allowance sown here) and the allowance sown."""
 
     features: int
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, *, certify: bool = False):
         x = x.reshape(x.shape[0], -1)
         fan_in = x.shape[-1]
         bound = 1.0 / jnp.sqrt(fan_in)
@@ -122,11 +130,12 @@ class NormalizedLinear(nn.Module):
             "bias", lambda k, s: jax.random.uniform(k, s, jnp.float32, -bound, bound), (self.features,)
         )
         rows = normalized_rows(kernel)
-        y = x @ rows.T + bias
+        y = jnp.matmul(x, rows.T, precision=jax.lax.Precision.HIGHEST if certify else None) + bias
         sow_l2_rounding_error(
             self,
             FLOAT32_SPACING_AT_ONE
             * (jnp.sqrt(float(fan_in)) * 8.0 * l2_norm_per_example(x) + l2_norm_per_example(y)),
+            certify,
         )
         return y
 
