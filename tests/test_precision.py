@@ -82,7 +82,7 @@ def test_certifying_forward_has_no_tf32_dot_or_convolution_on_cuda(restored):
 
 
 def test_export_for_cuda_has_no_tf32_dot_or_convolution(restored, tmp_path):
-    from certjax.export import ARTIFACTS, export_model
+    from certjax.inference.export import ARTIFACTS, export_model
 
     export_model(restored, str(tmp_path / "export"), platforms=("cuda",))
     for name in ARTIFACTS.values():

@@ -6,7 +6,9 @@ family's network returns one `ModelOutput` (certjax/models/common/output.py), an
 certifying forward. Nothing outside a family's module and its config file branches on the family's name.
 
 `FAMILIES` maps name -> Family. It imports the family modules on first use only, so importing this package
-stays cheap; `register_family` adds a family defined outside the package.
+stays cheap. A family outside the package is named by its module, "package.module" (its FAMILY has that
+name), and found on first use, so a new family is one model file and one config file wherever they live;
+`register_family` adds one explicitly.
 """
 
 from __future__ import annotations
@@ -98,7 +100,25 @@ class _Registry(Mapping):
         self._registered[family.name] = family
 
     def __getitem__(self, name: str) -> Family:
-        return self._families()[name]
+        families = self._families()
+        if name not in families and "." in name:
+            return self._outside(name)
+        return families[name]
+
+    def _outside(self, name: str) -> Family:
+        """A family outside certjax: `name` is "package.module" of a module ending with a FAMILY of that name
+        (importable: on sys.path / PYTHONPATH), registered on first use."""
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            if error.name is None or not (name == error.name or name.startswith(error.name + ".")):
+                raise  # the module exists but something it imports does not: say so
+            raise KeyError(name) from error
+        family = vars(module).get("FAMILY")
+        if not isinstance(family, Family) or family.name != name:
+            raise KeyError(name)
+        self.register(family)
+        return family
 
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._families()))
