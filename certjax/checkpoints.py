@@ -3,8 +3,7 @@
 One `CheckpointManager` in `<workdir>/checkpoints`. It keeps the last `keep` checkpoints plus the best one by
 test certified accuracy (the seed paper reports both last and best, App. C). Orbax writes every checkpoint to
 a temporary directory and renames it when complete, so a process killed mid-save never leaves a checkpoint
-that
-looks whole; restore always picks a finalised one.
+that looks whole; restore always picks a finalised one.
 """
 
 from __future__ import annotations

@@ -3,8 +3,7 @@
 Reads the config saved beside the checkpoint, so evaluation certifies exactly the trained model (same family,
 normalisation and eps). Every evaluation appends one JSON line to `<workdir>/results.jsonl`, written to a
 temporary file and renamed over the old one, so the results file is never half-written. Per-example radii go
-to
-`<workdir>/eval/radii_step<step>.npz` (input to the radius-distribution figures), together with
+to `<workdir>/eval/radii_step<step>.npz` (input to the radius-distribution figures), together with
 `prediction_radius`: the certified radius of the *predicted* class (equal to `radius` on correct points; on
 incorrect ones, how robustly the model is wrong: seed paper Fig. 5). The record holds the certified accuracy
 at a list of radii (`config.certify.radii`, default eps * (0, 0.5, 1, 1.5, 2); radius 0 = clean accuracy).

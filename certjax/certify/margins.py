@@ -9,8 +9,7 @@ For logits z(x) and true class y, the margins m_j = z_y - z_j (j != y).
 
 Input normalisation x' = (x - mean) / std scales a pixel-space perturbation delta to delta / std per channel,
 whose norm is at most ||delta|| / min(std) (l_inf and l_2 alike). So a radius r' in normalised space is a
-radius
-r' * min(std) in pixel space. `pixel_radius_scale` is the one place this is folded in.
+radius r' * min(std) in pixel space. `pixel_radius_scale` is the one place this is folded in.
 
 Rounding: logits are computed in float32, so the computed margin can exceed the exact one by accumulated
 rounding error. Families that can bound it (the l_inf-dist layers sow a per-op bound, see
@@ -90,8 +89,7 @@ def certify_from_margins(logits, labels, margin_lipschitz, eps, logit_error, *, 
 
     margin_lipschitz[b, j] bounds the Lipschitz constant of z_y - z_j in normalised input space (the entry at
     j = y is ignored). radius = min_j (m_j - slack_j) / margin_lipschitz_j, clipped at 0; a misclassified
-    point
-    has radius 0 (its smallest margin is <= 0). certified = prediction correct and radius > eps.
+    point has radius 0 (its smallest margin is <= 0). certified = prediction correct and radius > eps.
     """
     logits = logits.astype(jnp.float32)
     true_logit = true_class_logit(logits, labels)

@@ -3,8 +3,7 @@
 Renamed from certjax/kernels/verify.py (kernel selection, not certificate checking); its two copies of every
 function became one check over an `Op` record: `DISTANCE` (the l_p-dist op of certjax.kernels.linf_dist) and
 `bounds_op(...)` (its interval bounds, certjax.certify.interval.lp_distance_bounds, which hands in its own
-rounding so
-that no kernel module imports the bounds module).
+rounding so that no kernel module imports the bounds module).
 
 Why: the Pallas (Triton) kernels are the fast path on a GPU, but a Triton or jaxlib version, a GPU generation
 or a shape they were never run on can fail to compile them or, worse, compile them into something that

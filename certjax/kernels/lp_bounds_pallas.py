@@ -20,30 +20,27 @@ pass over the inputs gives both, and no [B, O, I] tensor exists anywhere.
   this path has no gradient), so the zero-padded coordinates change nothing.
 
 Forward only: certjax.certify.interval wraps this kernel in a custom_vjp whose backward is the jnp path's
-blocked
-backward, so any gradient through bounds (loss.bound=ibp) is the jnp path's, whatever kernel computed the
-values.
+blocked backward, so any gradient through bounds (loss.bound=ibp) is the jnp path's, whatever kernel computed
+the values.
 
 Rounding (what certjax.certify.interval adds around the raw ends this kernel returns; `KERNEL_ALLOWANCE`
 there):
 * p = inf: the jnp argument unchanged (one rounding per term, exact max): one `nextafter` outward, plus the
   smallest normal float for anything flushed to zero.
 * finite p, p >= 1, n inputs, u = 2^-24, on Triton's ops (libdevice __nv_logf 1 ulp, __nv_exp2f 2 ulp, fp32
-  division div.full 2 ulp, everything else IEEE round-to-nearest; 1 ulp <= 2u relative). Let r_i = d_i / m,
-  S = sum_i r_i^p >= 1 (the largest term is 1). The ratio has relative error <= 4u, which p log2 turns into
-  <= 5.8 p u in the exponent; log2 = log / ln2 has relative error <= 8u and the product with p u, so the
-  exponent of a term with x = -p log2(r_i) >= 0 is off by <= 5.8 p u + 9 u x, and exp2 adds 4u: each term
-  is off by <= r_i^p (4.1 p u + 4u) + 6.3 u x 2^-x <= r_i^p (4.1 p u + 4u) + 3.4u (x 2^-x <= 1 / (e ln 2)).
-  The sum in any order adds (n - 1) u relative; with S >= 1 the computed sum is S (1 + s) with
-  s <= 4.1 p u + 4.4 n u + 4u. The root: log2 (8u relative, on a value <= log2 n + 0.1), division by p
-  (4u), exp2 (4u), times m (u): y is off by <= (1.01 s + 8.5 u log2 n) / p + 5u relative, and the term
-  rounding of d_i adds u. With 8.5 log2 n <= 1.5 n + 16: <= ((6 n + 22) / p + 11) u. certjax.certify.interval
-  widens
-  by ((8 n + 32) / p + 32) u (first-order terms above, the rest well inside the difference).
+  division div.full 2 ulp, everything else IEEE round-to-nearest; 1 ulp <= 2u relative). Let r_i = d_i / m, S
+  = sum_i r_i^p >= 1 (the largest term is 1). The ratio has relative error <= 4u, which p log2 turns into <=
+  5.8 p u in the exponent; log2 = log / ln2 has relative error <= 8u and the product with p u, so the exponent
+  of a term with x = -p log2(r_i) >= 0 is off by <= 5.8 p u + 9 u x, and exp2 adds 4u: each term is off by <=
+  r_i^p (4.1 p u + 4u) + 6.3 u x 2^-x <= r_i^p (4.1 p u + 4u) + 3.4u (x 2^-x <= 1 / (e ln 2)). The sum in any
+  order adds (n - 1) u relative; with S >= 1 the computed sum is S (1 + s) with s <= 4.1 p u + 4.4 n u + 4u.
+  The root: log2 (8u relative, on a value <= log2 n + 0.1), division by p (4u), exp2 (4u), times m (u): y is
+  off by <= (1.01 s + 8.5 u log2 n) / p + 5u relative, and the term rounding of d_i adds u. With 8.5 log2 n <=
+  1.5 n + 16: <= ((6 n + 22) / p + 11) u. certjax.certify.interval widens by ((8 n + 32) / p + 32) u
+  (first-order terms above, the rest well inside the difference).
 The jnp path's own allowance (certjax.certify.interval module docstring) assumes XLA's ops; the kernel's is
-wider.
-`certjax.kernels.autoselect` checks every configuration against the jnp path before "auto" uses it, including
-that the kernel's rounded interval contains the jnp path's up to their allowances.
+wider. `certjax.kernels.autoselect` checks every configuration against the jnp path before "auto" uses it,
+including that the kernel's rounded interval contains the jnp path's up to their allowances.
 """
 
 from __future__ import annotations

@@ -3,8 +3,7 @@ neurons", ICML'21; recipe of zbh2047/L_inf-dist-net-v2, see shared/RECIPES.md).
 
 Every unit is u(x) = ||x - w||_p (+ b); at p = inf each unit is 1-Lipschitz w.r.t. l_inf, and so is the whole
 composition, so every raw logit z_j = -y_j is 1-Lipschitz (paper Sec. 3, Fact 3.4) and the margin certificate
-of
-`certjax.certify.linf_certify` applies. The learnable scale s only multiplies the logits fed to the
+of `certjax.certify.margins.linf_certify` applies. The learnable scale s only multiplies the logits fed to the
 cross-entropy term of the loss; certification uses the raw z.
 """
 

@@ -1,28 +1,21 @@
 """SortNet (Zhang et al., NeurIPS'22; recipe of zbh2047/SortNet, shared/RECIPES.md): an l_inf-dist first
-layer,
-then sort-neuron layers (`certjax.kernels.sort_neuron`), mean shift on hidden layers, bias on the last
-layer and
-a learnable logit scale. Every unit is 1-Lipschitz in l_inf at p = inf, so the l_inf margin certificate
-applies.
+layer, then sort-neuron layers (`certjax.kernels.sort_neuron`), mean shift on hidden layers, bias on the last
+layer and a learnable logit scale. Every unit is 1-Lipschitz in l_inf at p = inf, so the l_inf margin
+certificate applies.
 
 Training modes (`model.mode`):
-* "dropout" (the original): a sort layer in training evaluates the l_p / l_inf distance over a random
-  subset of
-  its inputs instead of the sort formula. One subset size ~ Binomial(n, q) per layer and step, one random
-  subset
-  of that size per group of 32 consecutive samples, shared by all units of the layer (zbh2047/SortNet
-  core/models/norm_dist.py `sample_mask`). The k-th largest |d_i| is the max of the kept ones iff exactly
-  the k
-  larger ones are dropped (probability q (1-q)^k), so the max over the subset equals the sort neuron in
+* "dropout" (the original): a sort layer in training evaluates the l_p / l_inf distance over a random subset
+  of its inputs instead of the sort formula. One subset size ~ Binomial(n, q) per layer and step, one random
+  subset of that size per group of 32 consecutive samples, shared by all units of the layer (zbh2047/SortNet
+  core/models/norm_dist.py `sample_mask`). The k-th largest |d_i| is the max of the kept ones iff exactly the
+  k larger ones are dropped (probability q (1-q)^k), so the max over the subset equals the sort neuron in
   expectation (up to the K-term truncation). Mean-shift statistics count only the samples whose next layer
-  keeps
-  the unit, and running means are recomputed by one deterministic pass before evaluation
+  keeps the unit, and running means are recomputed by one deterministic pass before evaluation
   (`recalibrates_statistics`).
 * "exact" (the seed paper's "without dropout"): the deterministic sort neuron in training too, gradient c_k to
-  the k-th largest coordinate. The original code has no such training switch; this is certjax's reading.
-Both share the l_p relaxation phase of the p schedule: while p < inf, sort layers use ||x - w||_p over all
-(or,
-with dropout, the kept) coordinates.
+  the k-th largest coordinate. The original code has no such training switch; this is certjax's reading. Both
+  share the l_p relaxation phase of the p schedule: while p < inf, sort layers use ||x - w||_p over all (or,
+  with dropout, the kept) coordinates.
 """
 
 from __future__ import annotations
