@@ -417,7 +417,7 @@ def test_emma_gradient_equals_the_plain_xla_convolution_path(monkeypatch):
             precision=precision,
         )
 
-    monkeypatch.setattr(liresnet, "conv2d", xla_conv)
+    monkeypatch.setattr(lipschitz, "conv2d", xla_conv)  # the conv the LiResNet layers call
     previous = gradient()
     for path, value in jax.tree_util.tree_leaves_with_path(previous):
         new = jax.tree_util.tree_leaves_with_path(fast)
