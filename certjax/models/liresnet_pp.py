@@ -13,8 +13,8 @@ Network (input x - 0.5: the data config gives mean 0.5, std 1, as model.py Gloro
   the block is conv_{I + V gamma / sqrt(D)}(x) + (bias - running mean): a constant shift, so the layer's
   Lipschitz constant is the merged conv's spectral norm, centred or not;
 - neck (model.py Map2Vec): a 4x4 stride-4 conv W -> W without bias or activation, flatten, a dense layer to
-  2048 with bias, then MinMax; both weights are Cholesky-orthogonalised row-wise (certjax/models/common/cholesky.py)
-  from inits N(0, 1) / (4 sqrt(W)) and N(0, 1) / sqrt(16 W);
+  2048 with bias, then MinMax; both weights are Cholesky-orthogonalised row-wise
+  (certjax/models/common/cholesky.py) from inits N(0, 1) / (4 sqrt(W)) and N(0, 1) / sqrt(16 W);
 - CHORD MLP (blocks.py LiResMLP): 8 dense layers 2048 x 2048, W = I + V gamma / sqrt(8) (V ~ N(0, 1) / 2048,
   gamma per output row, init 1, bias 0), each Cholesky-orthogonalised, each followed by MinMax;
 - head: LLN, rows normalised to unit l_2 norm (model.py `head` with use_lln; `NormalizedLinear`).
