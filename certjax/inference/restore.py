@@ -35,7 +35,7 @@ import numpy as np
 from certjax.certify.certifier import pad_rows
 from certjax.certify.rounding import round_up_float32
 from certjax.certify.threat_models import get_threat_model, radius_after_input_rounding
-from certjax.inference.images import IMAGE_SHAPE, as_images, float32_input
+from certjax.inference.images import as_images, float32_input
 
 
 class CertifiedModel:
@@ -58,7 +58,7 @@ class CertifiedModel:
             "std": [float(s) for s in config.data.std],
             "dataset": config.data.dataset,
             "num_classes": int(experiment.num_classes),
-            "input_shape": list(IMAGE_SHAPE),
+            "input_shape": list(experiment.image_shape),
             "workdir": str(workdir),
             "checkpoint": checkpoint,
             "step": int(step),
@@ -102,7 +102,7 @@ class CertifiedModel:
 
         eps: pixel units ([0, 1] scale, l_p of the family's threat model); default the checkpoint's.
         progress: a tqdm bar on stderr when there are more than a few batches."""
-        images, distance = float32_input(as_images(images), self._threat)
+        images, distance = float32_input(as_images(images, self._exp.image_shape), self._threat)
         eps = self.info["eps"] if eps is None else float(eps)
         if not eps >= 0.0 or not math.isfinite(eps):
             raise ValueError(f"eps must be a finite number >= 0 (pixel units), got {eps}")
@@ -160,7 +160,7 @@ class CertifiedModel:
     def logits(self, images) -> np.ndarray:
         """The certifying forward's logits [N, num_classes] (float32), those `certify` compares (float64
         images: of their float32 rounding)."""
-        images, _ = float32_input(as_images(images), self._threat)
+        images, _ = float32_input(as_images(images, self._exp.image_shape), self._threat)
         exp, outputs = self._exp, []
         variables = {**self._model_state, **self._bounds["variables"]}
         gain = np.float32(self._bounds.get("input_error_gain", 1.0))
