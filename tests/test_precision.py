@@ -13,22 +13,13 @@ from __future__ import annotations
 
 import re
 import shutil
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-GOLDEN = Path(__file__).resolve().parent / "golden"
-CASES = (
-    "linf_dist_v1",
-    "linf_dist_v2",
-    "sortnet_dropout",
-    "sortnet_nodropout",
-    "lot",
-    "liresnet",
-    "liresnet_pp",
-)
+from tests.test_golden import CASES, GOLDEN
+
 OPS = re.compile(r"stablehlo\.(dot_general|convolution)")
 # both spellings of the attribute: "precision = [HIGHEST, HIGHEST]" (pretty) or "precision_config = [...]"
 HIGHEST = re.compile(
