@@ -98,9 +98,9 @@ def resume_after_sigkill_matches(tmp_path, command, kill_from_step: int, final_s
 
 
 def test_resume_after_sigkill_is_bit_exact(tmp_path):
-    args = ["--config.train.epochs=24", "--config.checkpoint.every_epochs=1"]
-    # >= 4 epochs done, 20 to go
-    resume_after_sigkill_matches(tmp_path, lambda workdir: _launch(workdir, *args), 16, 24 * 4)
+    args = ["--config.train.epochs=12", "--config.checkpoint.every_epochs=1"]
+    # >= 4 epochs done, 8 to go
+    resume_after_sigkill_matches(tmp_path, lambda workdir: _launch(workdir, *args), 16, 12 * 4)
 
 
 def test_resume_after_sigkill_of_liresnet_pp_is_bit_exact(tmp_path):

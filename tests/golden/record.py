@@ -6,7 +6,12 @@ run on later code (the goldens must stay those of 8811d5e: never re-record them 
 from the repo root, XLA:CPU capped at AVX2 as tests/conftest.py caps the suite (the last bits of XLA:CPU's
 reductions depend on the host's vector width). A case whose workdir holds a checkpoint keeps it and only
 recomputes the outputs: the outputs of 2026-12-02 were recomputed so, at 8811d5e, from the checkpoints of the
-first recording, after that recording turned out specific to its host.
+first recording, after that recording turned out specific to its host. A further kind of host is recorded
+beside the first (tests/test_golden.py, "recorded hosts"): run this at 8811d5e (with tests/test_golden.py
+of f318183) in a worktree holding copies of the checkpoints, then keep the new golden.json as
+golden-HOST.json and, of its golden.npz, only the arrays that differ from the first recording as
+golden-HOST.npz. amd-epyc-avx512 was recorded so on 2026-12-02 (AMD EPYC with AVX-512, numpy's OpenBLAS):
+linf_dist and sortnet came out identical to the first recording, lot / liresnet / liresnet_pp in last bits.
 
 For each case of CASES (every family; l_inf-dist v1 and v2, SortNet with and without dropout) it trains a tiny
 model with `certjax.train.train_and_evaluate` (1 epoch of 4 steps on 128 images of the embedded demo sample,
