@@ -3,16 +3,12 @@ stay under their bounds, and a doctored (absurdly loose) certificate is caught w
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from certjax import audit
 from certjax.certify import margins as certify
-from tests.conftest import REPO
 
 
 @pytest.fixture(scope="module")
@@ -24,28 +20,10 @@ def tiny_linf():
 
 
 @pytest.fixture(scope="module")
-def lot_workdir(tmp_path_factory):
-    """A LOT-S (init_channels 4) checkpoint from a few launch.py steps, as a user would have it."""
-    workdir = tmp_path_factory.mktemp("lot")
-    command = [
-        sys.executable,
-        str(REPO / "launch.py"),
-        "--config=configs/lot.py:S,demo,cosine",
-        f"--workdir={workdir}",
-        "--mode=train",
-        "--config.model.init_channels=4",
-        "--config.train.epochs=2",
-        "--config.train.batch_size=64",
-        "--config.data.real_subset=256",
-        "--config.train.eval_subset=100",
-        "--config.optimizer.lr=0.05",
-        # a small budget, so that a model this small and this briefly trained certifies enough points
-        "--config.certify.eps=0.02",
-    ]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir
+def lot_workdir(tiny_run):
+    """LOT's tiny run (configs/lot.py:demo,tiny: init_channels 4, 4 launch steps, certify.eps 0.02, so that
+    a model this small and this briefly trained certifies enough points), its checkpoint as a user has it."""
+    return tiny_run("lot")
 
 
 def _test_points(exp, n=200):

@@ -95,7 +95,7 @@ def test_pgd_never_breaks_a_certified_point(tiny_trained_model):
 
 
 def audit_with_pgd(exp, state):
-    """PGD (100 steps, 3 restarts) against the certificates of a trained l_inf model."""
+    """PGD (50 steps, 2 restarts) against the certificates of a trained l_inf model."""
     config = exp.config
     images, labels = exp.sources.test.read(np.arange(0, 1000, 4))
     pixels = jnp.asarray(images, jnp.float32) / 255.0
@@ -117,7 +117,7 @@ def audit_with_pgd(exp, state):
     assert cert["certified"].sum() >= 5, "the tiny model certifies too few points for a meaningful test"
     _, adv_margin = pgd(
         lambda _, x: logits_fn(x), None, pixels, jnp.asarray(labels), eps, jax.random.key(0),
-        threat_model="linf", steps=100, restarts=3,
+        threat_model="linf", steps=50, restarts=2,
     )  # fmt: skip
     adv_margin = np.asarray(adv_margin)
     clean_margin = np.asarray(smallest_margin(logits_fn(pixels), jnp.asarray(labels)))

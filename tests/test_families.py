@@ -121,7 +121,8 @@ def test_linf_output_has_logit_bounds_only_with_an_interval(model):
 )
 def test_l2_output_fields(model, side):
     x = jax.random.normal(jax.random.key(2), (2, side, side, 3))
-    output = model.apply(model.init(jax.random.key(3), x), x)
+    variables = jax.jit(model.init)(jax.random.key(3), x)  # one program each (LOT op by op: half a minute)
+    output = jax.jit(model.apply)(variables, x)
     assert isinstance(output, ModelOutput) and output.logit_bounds is None
     assert output.logits.shape == (2, 10)
     if isinstance(model, LipConvNet):

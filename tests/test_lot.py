@@ -36,7 +36,7 @@ def _layer(case, key=0):
     noise = 0.01 if cin * stride * stride == cout else 1.0
     layer = lot.LOTConv(cout, k, stride)
     x = jax.random.normal(jax.random.key(key + 1), (2, side, side, cin))
-    variables = layer.init(jax.random.key(key), x)
+    variables = jax.jit(layer.init)(jax.random.key(key), x)
     seen_cin = cin * stride * stride
     kernel = _perturbed_kernel(jax.random.key(key + 2), k, seen_cin, cout, noise)
     variables = {"params": {"kernel": kernel, "bias": variables["params"]["bias"]}}
@@ -190,7 +190,7 @@ def test_fast_fft_conv_equals_the_nhwc_einsum_with_gradients(pad, side):
 def _tiny_net(lln=False, noise=0.05, seed=0):
     model = lot.LipConvNet(blocks=2, init_channels=4, num_classes=10, lln=lln)
     x = jnp.zeros((1, 32, 32, 3))
-    variables = model.init(jax.random.key(seed), x)
+    variables = jax.jit(model.init)(jax.random.key(seed), x)  # one program (op by op: a minute of dispatch)
     # move square layers off the identity so that the test exercises non-trivial orthogonal maps
     leaves, tree = jax.tree.flatten(variables["params"])
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
@@ -304,7 +304,7 @@ def test_pgd_l2_never_breaks_a_certified_lot_point(tiny_trained_lot):
     assert cert["certified"].sum() >= 5, "the tiny model certifies too few points for a meaningful test"
     _, adv_margin = pgd(
         lambda _, x: logits_fn(x), None, pixels, jnp.asarray(labels), eps, jax.random.key(0),
-        threat_model="l2", steps=100, restarts=3,
+        threat_model="l2", steps=50, restarts=2,
     )  # fmt: skip
     adv_margin = np.asarray(adv_margin)
     clean_margin = np.asarray(smallest_margin(logits_fn(pixels), jnp.asarray(labels)))
@@ -382,10 +382,10 @@ def test_rounding_allowance_covers_the_float64_logits(tiny_trained_lot):
     assert np.all(deviation <= bound), (deviation.max(), bound.min())
     assert bound.max() < 1e-2
     # and the cached weights give the same logits as orthogonalising on the fly
-    fresh = exp.model.apply(
-        {"params": state.params},
+    fresh = jax.jit(lambda params, x: exp.model.apply({"params": params}, x).logits)(  # one program
+        state.params,
         (images / 255.0 - np.asarray(exp.config.data.mean)) / np.asarray(exp.config.data.std),
-    ).logits
+    )
     np.testing.assert_allclose(np.asarray(fresh), np.asarray(logits), atol=1e-4)
 
 
@@ -395,14 +395,12 @@ def test_launch_trains_and_evaluates_lot_with_measured_and_assumed_bounds(tmp_pa
     from tests.conftest import run_launch
 
     workdir = tmp_path / "lot"
+    # the tests' tiny run for 2 epochs (its programs are in the session's compilation cache), paper's eps
     result = run_launch(
-        "configs/lot.py:S,demo,cosine",
+        "configs/lot.py:demo,tiny",
         workdir,
-        "--config.model.init_channels=4",
         "--config.train.epochs=2",
-        "--config.train.batch_size=64",
-        "--config.data.real_subset=256",
-        "--config.train.eval_batch_size=250",
+        f"--config.certify.eps={36 / 255!r}",
         mode="train_and_evaluate",
     )
     assert result.returncode == 0, result.stderr[-3000:]
