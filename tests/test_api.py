@@ -14,10 +14,11 @@ import pytest
 import certjax
 from certjax import evaluate
 from certjax.data.sources import make_real_source
-from tests.conftest import REPO, SHARED_DATA, TINY_RUNS, launch_env
+from tests.conftest import REPO, TINY_RUNS, launch_env
 
 FAMILIES = sorted(TINY_RUNS)  # every family, as its tiny run
-REAL_TEST_ZIP = SHARED_DATA / "cifar10-jpeg-test.zip"
+# the real CIFAR-10 test JPEGs embedded in the package (test/<class>/<file>): on a user's clone too
+REAL_TEST_ZIP = REPO / "certjax" / "data" / "demo" / "cifar10-demo-test.zip"
 
 
 @pytest.fixture(scope="module")
