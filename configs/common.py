@@ -23,6 +23,9 @@ def get_common() -> ml_collections.ConfigDict:
     # folder or zip of class folders; "{split}" in a path is replaced by train / test.
     config.data.real = "tfds"
     config.data.tfds_data_dir = ""
+    # class folders (data.real a folder or zip): "names" = the dataset's class names, "sorted", or a JSON
+    # file {folder: label} (certjax/data/labels.py; folders are never labelled by guess)
+    config.data.labels = "names"
     config.data.real_subset = 0  # 0 = all; else N training images
     config.data.real_subset_mode = "random"  # first | random (fixed by seed)
     config.data.generated = ""  # path to an EDM .npz; "" = real data only

@@ -94,13 +94,13 @@ def test_folder_on_disk(tmp_path):
     (tmp_path / "train" / "apple" / ".DS_Store").write_bytes(b"junk")
     gray = tmp_path / "train" / "apple" / "9.png"  # grayscale: converted to RGB
     Image.fromarray(np.full((32, 32), 77, np.uint8)).save(gray)
-    src = S.load_image_folder(tmp_path, "train", 3)
+    src = S.load_image_folder(tmp_path, "train", 3, labels="sorted")
     assert len(src) == 10 and list(src.labels) == [0] * 4 + [1] * 3 + [2] * 3  # sorted classes
     assert np.array_equal(src[0][0], pixels[tmp_path / "train/apple/0.png"])
     assert np.array_equal(src[3][0], np.full((32, 32, 3), 77, np.uint8))
     assert np.array_equal(src[9][0], pixels[tmp_path / "train/zebra/2.png"])
     # Without a split folder, the class folders are at the top.
-    flat = S.load_image_folder(tmp_path / "test", "test", 3)
+    flat = S.load_image_folder(tmp_path / "test", "test", 3, labels="sorted")
     assert len(flat) == 9 and np.array_equal(flat[8][0], pixels[tmp_path / "test/zebra/2.png"])
 
 
@@ -445,13 +445,13 @@ def test_wrong_number_of_classes(tmp_path):
 def test_image_not_32x32(tmp_path):
     path = _zip(tmp_path / "big.zip", {"a/0.png": _png_bytes(), "b/0.png": _png_bytes(64)})
     with pytest.raises(DataError, match="big.zip: b/0.png: image is 64x64, expected 32x32"):
-        S.load_image_folder(path, "train", 2)
+        S.load_image_folder(path, "train", 2, labels="sorted")
 
 
 def test_corrupt_image(tmp_path):
     path = _zip(tmp_path / "broken.zip", {"a/0.jpg": _png_bytes(), "b/0.jpg": b"\xff\xd8junk"})
     with pytest.raises(DataError, match="broken.zip: b/0.jpg: cannot decode the image"):
-        S.load_image_folder(path, "train", 2)
+        S.load_image_folder(path, "train", 2, labels="sorted")
 
 
 def test_unknown_dataset_and_demo_cifar100():

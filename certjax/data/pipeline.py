@@ -200,12 +200,13 @@ def make_sources(config, *, need_train: bool = True, need_generated: bool = True
 
     data = config.data
     data_dir = data.get("tfds_data_dir", "") or None
-    test = sources.make_real_source(data.real, "test", data.dataset, data_dir)
+    labels = data.get("labels", "names")  # configs saved before the field: the dataset's names
+    test = sources.make_real_source(data.real, "test", data.dataset, data_dir, labels)
     notes: list[str] = []
     train = generated = None
     real_fraction = 1.0
     if need_train:
-        train = sources.make_real_source(data.real, "train", data.dataset, data_dir)
+        train = sources.make_real_source(data.real, "train", data.dataset, data_dir, labels)
         if data.get("real_subset", 0):
             idx = sources.subset_indices(len(train), data.real_subset, data.real_subset_mode, config.seed)
             train = sources.SubsetSource(train, idx)

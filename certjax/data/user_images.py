@@ -2,11 +2,12 @@
 
 In a folder or zip, images lying in two or more sub-folders are labelled by their folder (class folders, the
 layout of the CIFAR image zips, ``[<split>/]<class>/<file>``, read by the rules of
-certjax.data.sources.image_folder; CIFAR-10 names in CIFAR-10 order, other names sorted); otherwise there are
-no labels. An .npz holds `image` (uint8 [N, H, W, C], or float in [0, 1]) and optionally `label` [N]. The
-image shape is the model's dataset's (`image_shape`, from certjax.data.sources.DATASETS; CIFAR's 32 x 32 x 3
-by default). Every problem is a DataError naming the file and the fix; a corrupt image is skipped with a
-warning instead when `skip_bad` is set.
+certjax.data.sources.image_folder): folders named by the dataset's class names get those classes' labels, any
+other folders only as `labels` says ("sorted" or a mapping file, certjax/data/labels.py: never guessed);
+images not in class folders stay unlabelled. An .npz holds `image` (uint8 [N, H, W, C], or float in [0, 1])
+and optionally `label` [N]. The image shape is the model's dataset's (`image_shape`, from
+certjax.data.sources.DATASETS; CIFAR's 32 x 32 x 3 by default). Every problem is a DataError naming the file
+and the fix; a corrupt image is skipped with a warning instead when `skip_bad` is set.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from certjax.data.sources import CIFAR10_CLASSES, IMAGE_SHAPE, IMAGE_SUFFIXES, DataError, is_junk
+from certjax.data.labels import folder_labels
+from certjax.data.sources import DATASETS, IMAGE_SHAPE, IMAGE_SUFFIXES, DataError, is_junk
 
 
 @dataclasses.dataclass
@@ -28,7 +30,7 @@ class UserImages:
     names: list[str]  # one per image: the file (member of a zip, or npz:index)
     images: np.ndarray  # uint8 [N, H, W, C] or float32 in [0, 1]
     labels: np.ndarray | None  # int32 [N] or None
-    class_names: list[str] | None  # label -> class folder name, when labels come from folders
+    class_names: list[str] | None  # label -> class name (the dataset's, or the user's folder), with folders
     skipped: list[str]  # files skipped as unreadable (skip_bad)
 
 
@@ -65,7 +67,9 @@ def _warn(message: str) -> None:
     print(f"certjax: warning: {message}", file=sys.stderr, flush=True)
 
 
-def _from_members(path: Path, names: list[str], read, skip_bad: bool, image_shape) -> UserImages:
+def _from_members(
+    path: Path, names: list[str], read, skip_bad: bool, image_shape, dataset, labels
+) -> UserImages:
     names = sorted(n for n in names if not is_junk(n.split("/")) and n.lower().endswith(IMAGE_SUFFIXES))
     if not names:
         raise DataError(
@@ -74,11 +78,16 @@ def _from_members(path: Path, names: list[str], read, skip_bad: bool, image_shap
         )
     parents = {n.rsplit("/", 1)[0] if "/" in n else "" for n in names}
     labelled = len(parents) >= 2 and "" not in parents
-    class_names = None
+    class_names, label_of = None, {}
     if labelled:
         folders = sorted({p.rsplit("/", 1)[-1] for p in parents})
-        class_names = list(CIFAR10_CLASSES) if set(folders) <= set(CIFAR10_CLASSES) else folders
-    images, kept, labels, skipped = [], [], [], []
+        info = DATASETS[dataset]
+        label_of = folder_labels(folders, info.class_names, info.num_classes, labels, str(path))
+        class_names = list(info.class_names or map(str, range(info.num_classes)))
+        if labels != "names":  # the user's folders name the classes they map to
+            for folder, label in label_of.items():
+                class_names[label] = folder
+    images, kept, found, skipped = [], [], [], []
     for name in names:
         where = f"{path}: {name}" if path.is_file() else str(path / name)
         try:
@@ -97,13 +106,13 @@ def _from_members(path: Path, names: list[str], read, skip_bad: bool, image_shap
             continue
         kept.append(name)
         if labelled:
-            labels.append(class_names.index(name.rsplit("/", 1)[0].rsplit("/", 1)[-1]))
+            found.append(label_of[name.rsplit("/", 1)[0].rsplit("/", 1)[-1]])
     if not images:
         raise DataError(f"{path}: every image was unreadable ({len(skipped)} skipped)")
     return UserImages(
         names=kept,
         images=np.stack(images),
-        labels=np.asarray(labels, np.int32) if labelled else None,
+        labels=np.asarray(found, np.int32) if labelled else None,
         class_names=class_names,
         skipped=skipped,
     )
@@ -142,12 +151,16 @@ def _from_npz(path: Path, image_shape) -> UserImages:
     return UserImages(names, images, None if labels is None else labels.astype(np.int32), None, [])
 
 
-def read_user_images(path, skip_bad: bool = False, image_shape=IMAGE_SHAPE) -> UserImages:
+def read_user_images(
+    path, skip_bad: bool = False, image_shape=IMAGE_SHAPE, dataset: str = "cifar10", labels: str = "names"
+) -> UserImages:
     """The images (and labels, when known) at path: folder, .zip, .npz or one image file.
 
     Args:
       path: the folder, .zip, .npz or image file. skip_bad: skip (with a warning) images that cannot be read.
       image_shape: (H, W, C) the model takes: its dataset's `DATASETS[config.data.dataset].image_shape`.
+      dataset: the model's dataset (a key of DATASETS), whose class names label class folders.
+      labels: "names", "sorted" or a JSON mapping file: how class folders are labelled (module docstring).
 
     Returns:
       UserImages; a DataError names the file and the fix for any bad input.
@@ -159,7 +172,9 @@ def read_user_images(path, skip_bad: bool = False, image_shape=IMAGE_SHAPE) -> U
             subdirectories.sort()
             relative = Path(directory).relative_to(path)
             names += [(relative / f).as_posix() for f in files]
-        return _from_members(path, names, lambda name: (path / name).read_bytes(), skip_bad, image_shape)
+        return _from_members(
+            path, names, lambda name: (path / name).read_bytes(), skip_bad, image_shape, dataset, labels
+        )
     if not path.is_file():
         raise DataError(f"{path}: no such file or directory (pass a folder, a .zip, an .npz or an image)")
     suffix = path.suffix.lower()
@@ -169,7 +184,7 @@ def read_user_images(path, skip_bad: bool = False, image_shape=IMAGE_SHAPE) -> U
         try:
             with zipfile.ZipFile(path) as archive:
                 names = [i.filename for i in archive.infolist() if not i.is_dir()]
-                return _from_members(path, names, archive.read, skip_bad, image_shape)
+                return _from_members(path, names, archive.read, skip_bad, image_shape, dataset, labels)
         except zipfile.BadZipFile as error:
             raise DataError(f"{path}: not a readable zip file ({error}); copy it again") from error
     if suffix in IMAGE_SUFFIXES:

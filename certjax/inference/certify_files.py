@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from certjax.config_checks import ConfigError
+from certjax.data.sources import DATASETS
 from certjax.data.user_images import read_user_images
 from certjax.evaluate import atomic_write_bytes
 from certjax.writers import console
@@ -44,6 +45,18 @@ def rows_payload(rows: list[dict], path: str) -> bytes:
     return "".join(json.dumps(row) + "\n" for row in rows).encode()
 
 
+def _checkpoint_dataset(workdir: str, checkpoint: str) -> str:
+    """The dataset (`config.data.dataset`) the checkpoint was trained on, from the config saved with it."""
+    from certjax import checkpoints
+
+    manager = checkpoints.make_manager(workdir, read_only=True)
+    try:
+        step = checkpoints.select_step(manager, checkpoint)
+        return checkpoints.restore_config(manager, step).data.dataset
+    finally:
+        manager.close()
+
+
 def certify_files(
     workdir: str,
     images: str,
@@ -51,8 +64,12 @@ def certify_files(
     eps: float | None = None,
     out: str | None = None,
     skip_bad_images: bool = False,
+    labels: str = "names",
 ) -> dict:
-    """Certify every image at `images` with the checkpoint; write the rows; return a summary."""
+    """Certify every image at `images` with the checkpoint; write the rows; return a summary.
+
+    `labels`: how class folders are labelled ("names": by the model's dataset's class names, "sorted" or a
+    JSON mapping file; certjax/data/labels.py)."""
     if eps is not None and (not math.isfinite(eps) or eps < 0):
         raise ConfigError(
             f"--eps={eps}: the budget must be a number >= 0 (pixel units, e.g. 36/255 = 0.1412)"
@@ -61,7 +78,8 @@ def certify_files(
     from certjax.inference.restore import require_checkpoints, restore
 
     require_checkpoints(workdir)
-    data = read_user_images(images, skip_bad=skip_bad_images)  # before the model: bad input fails fast
+    info = DATASETS[_checkpoint_dataset(workdir, checkpoint)]  # the saved config only: bad input fails fast
+    data = read_user_images(images, skip_bad_images, info.image_shape, info.name, labels)
     model = restore(workdir, checkpoint)
     eps = model.info["eps"] if eps is None else float(eps)
     labels = data.labels

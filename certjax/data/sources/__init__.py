@@ -67,7 +67,7 @@ __all__ = [
 ]
 
 
-def make_real_source(spec: str, split: str, dataset: str, data_dir=None):
+def make_real_source(spec: str, split: str, dataset: str, data_dir=None, labels: str = "names"):
     """The real-data source named by a config string, checked against the dataset's record.
 
     Args:
@@ -77,6 +77,8 @@ def make_real_source(spec: str, split: str, dataset: str, data_dir=None):
       split: "train" or "test".
       dataset: a key of DATASETS (``config.data.dataset``): the classes and image shape the data must have.
       data_dir: tensorflow-datasets' data dir (None: its default).
+      labels: how class folders are labelled: "names" (the dataset's class names), "sorted" or a JSON
+        mapping file (certjax/data/labels.py).
 
     Returns:
       A source with ``image_shape`` and ``num_classes`` of the dataset; a DataError for any bad input.
@@ -90,7 +92,11 @@ def make_real_source(spec: str, split: str, dataset: str, data_dir=None):
         if split not in ("train", "test"):
             raise DataError(f"demo data has splits 'train' and 'test', not {split!r}")
         return load_image_folder(
-            DEMO_DIR / f"cifar10-demo-{split}.zip", split, info.num_classes, info.image_shape
+            DEMO_DIR / f"cifar10-demo-{split}.zip",
+            split,
+            info.num_classes,
+            info.image_shape,
+            info.class_names,
         )
     if not spec:
         raise DataError(f"empty real-data spec.\n{OFFLINE_OPTIONS}")
@@ -107,7 +113,7 @@ def make_real_source(spec: str, split: str, dataset: str, data_dir=None):
             )
         return load_cifar_archive(path, split, info.num_classes)
     if path.is_dir() or path.suffix == ".zip":
-        return load_image_folder(path, split, info.num_classes, info.image_shape)
+        return load_image_folder(path, split, info.num_classes, info.image_shape, info.class_names, labels)
     raise DataError(
         f"{path}: unknown real-data format; expected an official .tar.gz archive, a .zip or a "
         "folder of class folders (generated .npz data goes in --config.data.generated)"

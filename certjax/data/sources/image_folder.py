@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from certjax.data.labels import folder_labels
 from certjax.data.sources.arrays import ArraySource
 from certjax.data.sources.base import DataError, check_num_classes
-from certjax.data.sources.registry import CIFAR10_CLASSES, IMAGE_SHAPE
+from certjax.data.sources.registry import IMAGE_SHAPE
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -53,7 +54,7 @@ def _group_by_class(names: list[str], split: str, where: str) -> dict[str, list[
     return {c: sorted(files) for c, files in by_class.items()}
 
 
-def _class_order(classes, num_classes, where) -> list[str]:
+def _class_labels(classes, num_classes, class_names, labels, where) -> dict[str, int]:
     if len(classes) != num_classes:
         shown = sorted(classes)[:12]
         more = ", ..." if len(classes) > 12 else ""
@@ -61,10 +62,7 @@ def _class_order(classes, num_classes, where) -> list[str]:
             f"{where}: found {len(classes)} class folders ({', '.join(shown)}{more}) but the "
             f"dataset has {num_classes} classes; check the path and the dataset (cifar10/cifar100)"
         )
-    # CIFAR-10's label order is not alphabetical; CIFAR-100's fine labels are.
-    if set(classes) == set(CIFAR10_CLASSES):
-        return list(CIFAR10_CLASSES)
-    return sorted(classes)
+    return folder_labels(classes, class_names, num_classes, labels, where)
 
 
 def _decode_image(data: bytes, where: str, image_shape) -> np.ndarray:
@@ -102,16 +100,21 @@ def _list_members(path: Path):
     raise DataError(f"{path}: no such file or directory (expected a folder or a .zip)")
 
 
-def load_image_folder(path, split: str, num_classes: int, image_shape=IMAGE_SHAPE) -> ArraySource:
+def load_image_folder(
+    path, split: str, num_classes: int, image_shape=IMAGE_SHAPE, class_names=None, labels: str = "names"
+) -> ArraySource:
     """Decode every image of ``[<split>/]<class>/<file>`` in a folder or zip into memory, once.
 
     Zips are read member by member with ``zipfile`` (no unpacking to disk), in the order they lie
-    in the file. Labels follow the class order (CIFAR-10 names: CIFAR-10 order; otherwise sorted
-    names), images within a class follow sorted file names: the same result on every machine.
+    in the file. Labels are the dataset's for folders named by its class names, else as `labels` says
+    (certjax/data/labels.py: never guessed); images within a class follow sorted file names (folders in
+    label order): the same result on every machine.
 
     Args:
       path: the folder or .zip. split: "train" or "test" (a ``<split>/`` folder, if the layout has one).
       num_classes: class folders expected. image_shape: (H, W, C) of every image (the dataset's).
+      class_names: the dataset's class names in label order (None: it declares none).
+      labels: "names", "sorted" or a JSON mapping file (certjax/data/labels.py).
 
     Returns:
       An ArraySource named ``"<path> [<split>]"``.
@@ -122,8 +125,9 @@ def load_image_folder(path, split: str, num_classes: int, image_shape=IMAGE_SHAP
     try:
         names, read, position, zf = _list_members(path)
         by_class = _group_by_class(names, split, str(path))
-        order = _class_order(by_class, num_classes, str(path))
-        members = [(label, n) for label, c in enumerate(order) for n in by_class[c]]
+        label_of = _class_labels(by_class, num_classes, class_names, labels, str(path))
+        order = sorted(by_class, key=lambda c: (label_of[c], c))
+        members = [(label_of[c], n) for c in order for n in by_class[c]]
         images = np.empty((len(members), *image_shape), np.uint8)
         labels = np.array([label for label, _ in members], np.int32)
         # Reading in file order keeps the zip read sequential; each image goes to its sorted slot.

@@ -22,6 +22,17 @@ IMAGE_SHAPE = (32, 32, 3)
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 )  # fmt: skip
+# CIFAR-100's fine labels, in the order of the archive's meta file (alphabetical)
+CIFAR100_CLASSES = tuple(
+    """apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly
+    camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile
+    cup dinosaur dolphin elephant flatfish forest fox girl hamster house kangaroo keyboard lamp
+    lawn_mower leopard lion lizard lobster man maple_tree motorcycle mountain mouse mushroom
+    oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree plain plate poppy porcupine
+    possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper snail snake
+    spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger tractor
+    train trout tulip turtle wardrobe whale willow_tree wolf woman worm""".split()
+)
 DEMO_DIR = Path(__file__).parent.parent / "demo"  # certjax/data/demo: the embedded CIFAR-10 sample
 
 
@@ -31,8 +42,9 @@ class DatasetInfo:
 
     name: the key of `DATASETS` and the value of `config.data.dataset` (and the tensorflow-datasets name).
     image_shape: (height, width, channels) of every image, uint8 pixels. num_classes: labels lie in
-    [0, num_classes). mean: per-channel pixel mean in [0, 1]. class_names: the label order of class
-    folders with these names (None: folders are sorted by name).
+    [0, num_classes). mean: per-channel pixel mean in [0, 1]. class_names: the class of each label, the
+    names class folders must have (certjax/data/labels.py; None: the dataset declares none, and folders
+    are labelled only as the user says).
     """
 
     name: str
@@ -47,7 +59,7 @@ DATASETS = {
     for info in (
         # CIFAR-10's label order is not alphabetical; CIFAR-100's fine labels are
         DatasetInfo("cifar10", IMAGE_SHAPE, 10, (0.4914, 0.4822, 0.4465), CIFAR10_CLASSES),
-        DatasetInfo("cifar100", IMAGE_SHAPE, 100, (0.5071, 0.4867, 0.4408)),
+        DatasetInfo("cifar100", IMAGE_SHAPE, 100, (0.5071, 0.4867, 0.4408), CIFAR100_CLASSES),
     )
 }
 NUM_CLASSES = {name: info.num_classes for name, info in DATASETS.items()}
