@@ -43,6 +43,7 @@ import numpy as np
 from certjax.attack import pgd
 from certjax.certify.margins import mask_true_class, smallest_margin
 from certjax.certify.threat_models import ThreatModel, get_threat_model
+from certjax.progress import tracked
 
 RATIO_TOLERANCE = 1e-3  # float32 rounding of logit differences at the probe distances used below
 PROBE_DISTANCE = 0.1  # normalised input units: large against float32 rounding, small against the input range
@@ -296,6 +297,7 @@ def audit_model(exp, state, images, labels, *, steps=100, restarts=5, targets=3,
             {"image": images[i : i + batch_size], "label": labels[i : i + batch_size]}
             for i in range(0, len(labels), batch_size)
         ],
+        what="audit: certify",
     )
     bounds = exp.certifier.certificate_bounds(state.params, state.model_state)
     audit = _start_audit(exp, state, bounds, len(labels), steps, restarts)
@@ -303,7 +305,7 @@ def audit_model(exp, state, images, labels, *, steps=100, restarts=5, targets=3,
     certified = cert["certified"].astype(bool)
     attacked = np.flatnonzero(cert["correct"].astype(bool))
     rng = jax.random.key(seed)
-    for start in range(0, len(attacked), batch_size):
+    for start in tracked(range(0, len(attacked), batch_size), "audit: attack and probe"):
         idx = attacked[start : start + batch_size]
         x, y = jnp.asarray(pixels_all[idx]), jnp.asarray(labels[idx], jnp.int32)
         clean_margin, margin, pairs, rng = _attack_batch(audit, x, y, certified[idx], targets, rng)

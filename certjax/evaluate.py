@@ -120,8 +120,15 @@ def evaluate_checkpoint(workdir: str, which: str = "best", train_subset: int = 1
     """
     exp, state, info = Experiment.from_checkpoint(workdir, which, data="test")
     config, certifier = exp.config, exp.certifier
-    test_batches = pipeline.eval_batches(exp.sources.test, config.train.eval_batch_size)
-    results = certifier.certify_batches(state.params, state.model_state, test_batches, every_radius=True)
+    batch_size = config.train.eval_batch_size
+    test_batches = pipeline.eval_batches(exp.sources.test, batch_size)
+    results = certifier.certify_batches(
+        state.params,
+        state.model_state,
+        test_batches,
+        every_radius=True,
+        total=-(-len(exp.sources.test) // batch_size),
+    )
     bounds_report = dict(certifier.last_bounds_report)
 
     # Training accuracy (for the generalisation gap) on a fixed random subset of the real training images:
@@ -129,7 +136,7 @@ def evaluate_checkpoint(workdir: str, which: str = "best", train_subset: int = 1
     train = pipeline.make_sources(config, need_train=True, need_generated=False).train
     if train_subset and train_subset < len(train):
         train = SubsetSource(train, subset_indices(len(train), train_subset, "random", config.seed))
-    train_eval = certifier.evaluate_source(state, train)
+    train_eval = certifier.evaluate_source(state, train, what="evaluate (training images)")
 
     radii_path = os.path.join(os.path.abspath(workdir), "eval", f"radii_step{info.step}.npz")
     if jax.process_index() == 0:

@@ -34,6 +34,7 @@ from certjax import checkpoints
 from certjax.config_checks import check_config
 from certjax.experiment import Experiment, TrainState
 from certjax.optim import schedules
+from certjax.progress import Progress
 from certjax.train_metrics import NO_STEP, NonFiniteError, TrainMetrics, batch_accuracies
 from certjax.writers import MetricWriter, console
 
@@ -213,11 +214,17 @@ def _train_loop(workdir: str, trainer: Trainer, manager) -> TrainState:
     mixed = 0 < exp.batches.num_real < config.train.batch_size
     train_metrics, window = None, _Window(start_step)
     batches = exp.batches.iterate(start_step, total, threads=config.data.reader_threads)
+    counter = None  # this epoch's Progress (certjax/progress.py)
+    if start_step < total:
+        console("compiling the train step (the first step waits for it) ...")
     for step in range(start_step, total):
+        if counter is None:
+            counter = Progress(f"epoch {step // spe + 1}", min(spe - step % spe, total - step), "steps")
         values = schedules.schedule_values(config, step, total)
         state, step_metrics = trainer.train_step(
             state, exp.global_batch(next(batches)), _device_schedule(values)
         )
+        counter.update()
         train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
         window.images += config.train.batch_size
         done = step + 1
@@ -230,6 +237,8 @@ def _train_loop(workdir: str, trainer: Trainer, manager) -> TrainState:
                 console(progress)
             window.restart()
         if epoch_end:
+            counter.close()
+            counter = None
             state = _end_epoch(
                 trainer, state, train_metrics.compute(), done, progress, writer, manager, mixed
             )

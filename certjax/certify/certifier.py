@@ -23,6 +23,7 @@ from certjax.certify import interval as interval_bounds
 from certjax.certify.rounding import normalisation_error_linf, round_up_float32
 from certjax.certify.threat_models import get_threat_model
 from certjax.models import certified_logits
+from certjax.progress import tracked
 
 DEFAULT_RADIUS_FACTORS = (0.0, 0.5, 1.0, 1.5, 2.0)
 
@@ -99,7 +100,14 @@ class Certifier:
     # -- the certify loop
 
     def certify_batches(
-        self, params, model_state, batches, bounds=None, every_radius: bool = False
+        self,
+        params,
+        model_state,
+        batches,
+        bounds=None,
+        every_radius: bool = False,
+        what: str = "evaluate",
+        total: int | None = None,
     ) -> dict[str, np.ndarray]:
         """Per-example results over an iterable of batches (numpy "image" uint8 / "label").
 
@@ -108,6 +116,7 @@ class Certifier:
           batches: iterable of {"image", "label"} numpy batches.
           bounds: `certificate_bounds(params, model_state)` computed once by the caller (the API), or None.
           every_radius: IBP flags at every radius of the record, not only at certify.eps.
+          what, total: the work and its number of batches, for the progress report (certjax/progress.py).
         Returns:
           prediction / correct / radius / certified / prediction_radius / logit_error / label, and with a
           family's measured bounds `certified_assumed` / `radius_assumed` (the bound the architecture
@@ -119,7 +128,7 @@ class Certifier:
         model_state = {**model_state, **bounds["variables"]}
         gain = np.float32(bounds.get("input_error_gain", 1.0))
         outputs = []
-        for batch in batches:
+        for batch in tracked(batches, what, total):
             batch, n = pad_rows(batch, jax.device_count())  # shard evenly; padded rows are dropped below
             logits, logit_error = self.eval_step(params, model_state, self.exp.sharded_copy(batch), gain)
             result = self._margin_results(logits, logit_error, batch["label"], bounds)
@@ -168,14 +177,17 @@ class Certifier:
         else:
             result["certified"] = result["certified_margin"] | result["certified_ibp"]
 
-    def evaluate_source(self, state, source, limit: int = 0) -> dict[str, float]:
-        """Clean and certified accuracy of `state` on (the first `limit` of) a source, at certify.eps."""
+    def evaluate_source(self, state, source, limit: int = 0, what: str = "evaluate") -> dict[str, float]:
+        """Clean and certified accuracy of `state` on (the first `limit` of) a source, at certify.eps;
+        `what` names the work in progress reports."""
         from certjax.data import pipeline
 
-        batches = pipeline.eval_batches(
-            source, self.config.train.eval_batch_size, limit, seed=self.config.seed
+        batch_size = self.config.train.eval_batch_size
+        batches = pipeline.eval_batches(source, batch_size, limit, seed=self.config.seed)
+        count = min(limit or len(source), len(source))
+        results = self.certify_batches(
+            state.params, state.model_state, batches, what=what, total=-(-count // batch_size)
         )
-        results = self.certify_batches(state.params, state.model_state, batches)
         return {
             "clean_accuracy": float(results["correct"].mean()),
             "certified_accuracy": float(results["certified"].mean()),

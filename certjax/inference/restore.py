@@ -88,20 +88,23 @@ class CertifiedModel:
                     label = np.concatenate([label, np.repeat(label[:1], pad, 0)])
                 yield {"image": image, "label": label}
 
-        iterator = padded_batches()
-        if progress and batches > 3:
-            from tqdm import tqdm
-
-            iterator = tqdm(iterator, total=batches, unit="batch", desc="certify", leave=False)
         certifier = self._exp.certifier
-        results = certifier.certify_batches(self._params, self._model_state, iterator, bounds=self._bounds)
+        results = certifier.certify_batches(
+            self._params,
+            self._model_state,
+            padded_batches(),
+            bounds=self._bounds,
+            what="certify" if progress else None,  # a library call reports only when asked
+            total=batches,
+        )
         return {k: np.asarray(v)[:n] for k, v in results.items()}
 
     def certify(self, images, eps: float | None = None, labels=None, *, progress: bool = False) -> dict:
         """{"prediction", "radius", "certified"} (+ "correct", "label" with labels) as numpy arrays [N].
 
         eps: pixel units ([0, 1] scale, l_p of the family's threat model); default the checkpoint's.
-        progress: a tqdm bar on stderr when there are more than a few batches."""
+        progress: report progress on stderr (certjax/progress.py: a bar on a terminal, else a line every
+          ~30 s)."""
         images, distance = float32_input(as_images(images, self._exp.image_shape), self._threat)
         eps = self.info["eps"] if eps is None else float(eps)
         if not eps >= 0.0 or not math.isfinite(eps):
