@@ -32,6 +32,7 @@ import optax
 
 from certjax import checkpoints
 from certjax.config_checks import check_config
+from certjax.config_files import resolved_config_json
 from certjax.experiment import Experiment, TrainState
 from certjax.optim import schedules
 from certjax.progress import Progress
@@ -157,8 +158,8 @@ def _device_schedule(values: dict[str, float]) -> dict[str, np.ndarray]:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Train (resuming from the latest readable checkpoint in workdir if any), evaluating every few epochs."""
     check_config(config, device_count=jax.device_count(), process_count=jax.process_count())
-    os.makedirs(workdir, exist_ok=True)
-    exp = Experiment(config)
+    exp = Experiment(config)  # before the workdir exists: bad data leaves no empty workdir behind
+    write_config_json(config, workdir)
     console(exp.sources.describe())
     manager = checkpoints.make_manager(workdir, keep=config.checkpoint.keep)
     try:
@@ -167,6 +168,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         # An in-flight asynchronous save completes even when training stops with an error.
         manager.wait_until_finished()
         manager.close()
+
+
+def write_config_json(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Create the workdir and write the run's resolved config (every --config override applied) to
+    <workdir>/config.json: readable JSON, written whole (temp file + rename) by process 0."""
+    from certjax.evaluate import atomic_write_bytes
+
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        atomic_write_bytes(os.path.join(workdir, "config.json"), resolved_config_json(config).encode())
 
 
 def _start(workdir: str, exp: Experiment, manager) -> TrainState:
