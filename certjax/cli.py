@@ -99,6 +99,13 @@ def define_flags(values: flags.FlagValues, argv: list[str]) -> None:
     flags.DEFINE_bool(
         "skip-bad-images", False, "--mode=certify: skip unreadable images with a warning.", **define
     )
+    flags.DEFINE_string(
+        "labels",
+        "names",
+        "--mode=certify: how class folders are labelled: names (the model's dataset's class names), sorted "
+        "(sorted folder names are labels 0, 1, ...) or a JSON file {folder: label}.",
+        **define,
+    )
     flags.DEFINE_bool(
         "distributed",
         False,
@@ -284,7 +291,7 @@ def run_mode(values: flags.FlagValues) -> None:
             from certjax.inference.certify_files import certify_files
 
             certify_files(values.workdir, values.images, values.checkpoint, values.eps, values.out,
-                          values["skip-bad-images"].value)  # fmt: skip
+                          values["skip-bad-images"].value, values.labels)  # fmt: skip
             return
         if mode in ("train", "train_and_evaluate"):
             train.train_and_evaluate(values.config, values.workdir)

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ import pytest
 from tests.conftest import REPO, _tiny_config, launch_env, load_config_module
 
 TINY = "--config=configs/linf_dist.py:demo,tiny"
+DEMO_TEST = REPO / "certjax" / "data" / "demo" / "cifar10-demo-test.zip"  # real CIFAR-10 JPEGs
 
 
 def _certjax(*args, cwd=REPO):
@@ -211,6 +213,16 @@ BAD_INPUTS = {
         "no checkpoints",
         "empty",
     ),
+    "certify: class folders not named by the dataset's classes": (
+        ["--workdir=<trained>", "--mode=certify", "--images=<pets>"],
+        "are not the dataset's class names",
+        "trained",
+    ),
+    "certify: --labels neither a policy nor a file": (
+        ["--workdir=<trained>", "--mode=certify", "--images=<pets>", "--labels=<tmp>/nomap.json"],
+        "neither 'names', 'sorted' nor a JSON file",
+        "trained",
+    ),
     "certify: rows file of another format": (
         ["--workdir=<trained>", "--mode=certify", "--images=<images>", "--out=<tmp>/rows.txt"],
         ".jsonl",
@@ -247,7 +259,12 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(case, tiny_run, tmp_pa
     (tmp_path / "broken.py").write_text("def get_config(:\n")
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "images.npz", image=rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8))
+    with zipfile.ZipFile(DEMO_TEST) as source, zipfile.ZipFile(tmp_path / "pets.zip", "w") as pets:
+        for folder, cls in (("cats", "cat"), ("dogs", "dog")):  # real JPEGs in folders of other names
+            member = f"test/{cls}/0000.jpg"
+            pets.writestr(f"{folder}/0.jpg", source.read(member))
     places = {"<new>": tmp_path / "new", "<empty>": tmp_path / "empty", "<trained>": trained}
+    places["<pets>"] = tmp_path / "pets.zip"
     places.update({"<tmp>": tmp_path, "<images>": tmp_path / "images.npz"})
     args = []
     for argument in arguments:
