@@ -73,7 +73,7 @@ def make_real_source(spec: str, split: str, dataset: str, data_dir=None, labels:
     Args:
       spec: "tfds" (tensorflow-datasets), "demo" (CIFAR-10 images shipped with certjax), or a path to an
         official ``.tar.gz`` archive, a ``.zip`` or a folder; ``{split}`` in a path is replaced by the split
-        name (e.g. ``../shared/data/cifar10-jpeg-{split}.zip``).
+        name (e.g. ``/data/cifar10-jpeg-{split}.zip``).
       split: "train" or "test".
       dataset: a key of DATASETS (``config.data.dataset``): the classes and image shape the data must have.
       data_dir: tensorflow-datasets' data dir (None: its default).

@@ -17,7 +17,7 @@ OFFLINE_OPTIONS = (
     "  --config.data.real=/path/to/cifar-10-python.tar.gz  (official python archive;"
     " cifar-100-python.tar.gz for CIFAR-100)\n"
     "  --config.data.real=/path/to/folder_or_zip  (class folders; a {split} template such as"
-    " ../shared/data/cifar10-jpeg-{split}.zip picks the train/test file)\n"
+    " /data/cifar10-jpeg-{split}.zip picks the train/test file)\n"
     "  --config.data.real=demo  (5,000 real CIFAR-10 images shipped with certjax, for smoke tests)"
 )
 

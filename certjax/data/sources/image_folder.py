@@ -1,7 +1,7 @@
 """Image folders and zips of class folders: ``[<split>/]<class>/<file>.jpg|png``, decoded once into memory.
 
 Moved from certjax/data/sources.py ("image folder"). The layout is that of the CIFAR image zips in
-../shared/data and of the demo data shipped in certjax/data/demo; `IMAGE_SUFFIXES` and `is_junk` are public
+our development tree and of the demo data shipped in certjax/data/demo; `IMAGE_SUFFIXES` and `is_junk` are public
 because certjax.data.user_images reads users' folders by the same rules.
 """
 
