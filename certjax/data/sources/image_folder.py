@@ -1,8 +1,8 @@
 """Image folders and zips of class folders: ``[<split>/]<class>/<file>.jpg|png``, decoded once into memory.
 
-Moved from certjax/data/sources.py ("image folder"). The layout is that of the CIFAR image zips in
-our development tree and of the demo data shipped in certjax/data/demo; `IMAGE_SUFFIXES` and `is_junk` are public
-because certjax.data.user_images reads users' folders by the same rules.
+Moved from certjax/data/sources.py ("image folder"). The layout is that of the CIFAR image zips and of the
+demo data shipped in certjax/data/demo; `IMAGE_SUFFIXES` and `is_junk` are public because
+certjax.data.user_images reads users' folders by the same rules.
 """
 
 from __future__ import annotations
