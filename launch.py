@@ -5,8 +5,10 @@
   python launch.py --config=configs/linf_dist.py --workdir=runs/linf --mode=evaluate --checkpoint=best
   python launch.py --workdir=runs/linf --mode=certify --images=my_images.zip --out=certified.csv
 
-Training resumes from the latest checkpoint in --workdir. Evaluation and certification read the config saved
-with the checkpoint (so --config is not needed). absl / orbax INFO logging shows with --verbosity=1 only.
+Training resumes from the latest checkpoint in --workdir and ends with the evaluation record of --checkpoint
+in <workdir>/results.jsonl; the same command on a finished run says so and does nothing. Evaluation and
+certification read the config saved with the checkpoint (so --config is not needed). absl / orbax INFO
+logging shows with --verbosity=1 only.
 
 Several processes (hosts) train one model together when each is started with the same command plus
 --coordinator_address=HOST:PORT --num_processes=N --process_id=I (or the CERTJAX_COORDINATOR_ADDRESS /
@@ -31,7 +33,8 @@ flags.DEFINE_enum(
     "mode",
     "train",
     ["train", "evaluate", "train_and_evaluate", "certify"],
-    "train (then a final evaluation record), evaluate a saved checkpoint, or certify --images with it.",
+    "train (then a final evaluation record of --checkpoint; train_and_evaluate is the same), evaluate a "
+    "saved checkpoint, or certify --images with it.",
 )
 flags.DEFINE_string(
     "checkpoint", "best", "Which checkpoint to evaluate or certify with: best, last or a step."
@@ -139,9 +142,11 @@ def main(argv):
                 FLAGS["skip-bad-images"].value,
             )
             return
-        if FLAGS.mode in ("train", "train_and_evaluate"):
-            train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-        if FLAGS.mode in ("evaluate", "train_and_evaluate"):
+        if FLAGS.mode in ("train", "train_and_evaluate"):  # one mode: train, then the final record
+            from certjax.run import train_then_evaluate
+
+            train_then_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)
+        else:
             evaluate.evaluate_checkpoint(FLAGS.workdir, FLAGS.checkpoint)
     except DataError as error:  # bad or unreachable data: one clear message, no traceback
         _fail("data", str(error))
