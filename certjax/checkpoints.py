@@ -13,6 +13,7 @@ import os
 
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 
 BEST_METRIC = "certified_accuracy"
 
@@ -118,8 +119,12 @@ def _structure_mismatch(manager, step: int, abstract_state) -> str:
     a damaged checkpoint, which restore then reports), else the first difference."""
     import jax
 
+    handler = ocp.StandardCheckpointHandler()
     try:
-        metadata = ocp.StandardCheckpointer().metadata(os.path.join(manager.directory, str(step), "state"))
+        # The item's handler, not a Checkpointer: a Checkpointer also looks for the step's
+        # _CHECKPOINT_METADATA inside the item folder (it lies one level up) and warns, on every resume, in
+        # words that read like corruption.
+        metadata = handler.metadata(epath.Path(manager.directory) / str(step) / "state")
         tree = getattr(metadata, "item_metadata", metadata)
         saved = {
             _path_names(path): tuple(leaf.shape)
@@ -128,6 +133,8 @@ def _structure_mismatch(manager, step: int, abstract_state) -> str:
         }
     except Exception:
         return ""
+    finally:
+        handler.close()
     if not saved:
         return ""
     target = {

@@ -293,9 +293,11 @@ def run_mode(values: flags.FlagValues) -> None:
             certify_files(values.workdir, values.images, values.checkpoint, values.eps, values.out,
                           values["skip-bad-images"].value, values.labels)  # fmt: skip
             return
-        if mode in ("train", "train_and_evaluate"):
-            train.train_and_evaluate(values.config, values.workdir)
-        if mode in ("evaluate", "train_and_evaluate"):
+        if mode in ("train", "train_and_evaluate"):  # one mode: train, then the final record
+            from certjax.run import train_then_evaluate
+
+            train_then_evaluate(values.config, values.workdir, values.checkpoint)
+        else:
             evaluate.evaluate_checkpoint(values.workdir, values.checkpoint)
     except DataError as error:  # bad or unreachable data: one clear message, no traceback
         _fail("data", error)

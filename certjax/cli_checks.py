@@ -21,11 +21,12 @@ from certjax import config_files
 
 # The valid --mode values (the keys) and what each does (the help prints them).
 MODES = {
-    "train": "train (needs --config), resuming from the latest checkpoint in --workdir; checkpoints, "
-    "TensorBoard events and config.json go to --workdir",
+    "train": "train (needs --config), resuming from the latest checkpoint in --workdir, then evaluate "
+    "--checkpoint (its record in <workdir>/results.jsonl); checkpoints, TensorBoard events and config.json "
+    "go to --workdir; on a finished run it says so and does nothing",
     "evaluate": "evaluate --checkpoint of --workdir on the test set: prints clean and certified accuracy, "
     "appends a record to <workdir>/results.jsonl",
-    "train_and_evaluate": "train, then evaluate --checkpoint",
+    "train_and_evaluate": "the same as train",
     "certify": "certify --images with --checkpoint of --workdir: one row per image to --out",
 }
 CHECKPOINT_NAMES = ("best", "last")

@@ -1,8 +1,9 @@
 """Evaluate a checkpoint: clean and certified accuracy on the full test set, radii, a results record.
 
 Reads the config saved beside the checkpoint, so evaluation certifies exactly the trained model (same family,
-normalisation and eps). Every evaluation appends one JSON line to `<workdir>/results.jsonl`, written to a
-temporary file and renamed over the old one, so the results file is never half-written. Per-example radii go
+normalisation and eps). Every evaluation writes one JSON line to `<workdir>/results.jsonl`, replacing the
+line of an earlier evaluation of the same checkpoint kind and step (certjax.outputs.append_record: the whole
+file goes to a temporary file renamed over the old one, so it is never half-written). Per-example radii go
 to `<workdir>/eval/radii_step<step>.npz` (input to the radius-distribution figures), together with
 `prediction_radius`: the certified radius of the *predicted* class (equal to `radius` on correct points; on
 incorrect ones, how robustly the model is wrong: seed paper Fig. 5). The record holds the certified accuracy
@@ -14,9 +15,7 @@ the margin alone and by IBP alone, at eps and at every radius, next to the metho
 from __future__ import annotations
 
 import datetime
-import json
 import os
-import tempfile
 
 import jax
 import numpy as np
@@ -25,34 +24,8 @@ from certjax.certify.certifier import radii_of
 from certjax.data import pipeline
 from certjax.data.sources import SubsetSource, subset_indices
 from certjax.experiment import Experiment
+from certjax.outputs import append_record, atomic_write_bytes
 from certjax.writers import console
-
-
-def atomic_write_bytes(path: str, payload: bytes) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def append_record(path: str, record: dict) -> None:
-    """Append one JSON line: old contents + new line written to a temp file, then renamed atomically."""
-    old = b""
-    if os.path.exists(path):
-        with open(path, "rb") as f:
-            old = f.read()
-        if old and not old.endswith(b"\n"):
-            old += b"\n"
-    atomic_write_bytes(path, old + (json.dumps(record, sort_keys=True) + "\n").encode())
 
 
 def save_radii(path: str, results: dict[str, np.ndarray]) -> None:
@@ -116,7 +89,8 @@ def evaluate_checkpoint(workdir: str, which: str = "best", train_subset: int = 1
       which: "best", "last" or a step.
       train_subset: size of the fixed random subset of real training images for the train accuracy (0: all).
     Returns:
-      the results record (also appended to <workdir>/results.jsonl).
+      the results record (also written to <workdir>/results.jsonl, replacing one of the same checkpoint
+      kind and step).
     """
     exp, state, info = Experiment.from_checkpoint(workdir, which, data="test")
     config, certifier = exp.config, exp.certifier
@@ -157,7 +131,11 @@ def _generated_count(exp) -> int:
     from certjax.data.sources import GeneratedNpzSource
 
     limit = config.data.get("generated_limit", 0) or None
-    return len(GeneratedNpzSource(config.data.generated, exp.num_classes, limit=limit, seed=config.seed))
+    cache_dir = config.data.get("cache_dir", "")
+    source = GeneratedNpzSource(
+        config.data.generated, exp.num_classes, limit=limit, seed=config.seed, cache_dir=cache_dir
+    )
+    return len(source)
 
 
 def results_record(exp, which: str, info, results: dict, train_eval: dict, bounds_report: dict) -> dict:

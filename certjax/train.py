@@ -158,8 +158,11 @@ def _device_schedule(values: dict[str, float]) -> dict[str, np.ndarray]:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Train (resuming from the latest readable checkpoint in workdir if any), evaluating every few epochs."""
     check_config(config, device_count=jax.device_count(), process_count=jax.process_count())
+    warmup_note = schedules.fit_warmup(config)  # a short run of a recipe with a warmup: scaled, said once
     exp = Experiment(config)  # before the workdir exists: bad data leaves no empty workdir behind
     write_config_json(config, workdir)
+    if warmup_note:
+        console(warmup_note)
     console(exp.sources.describe())
     manager = checkpoints.make_manager(workdir, keep=config.checkpoint.keep)
     try:
@@ -264,11 +267,13 @@ def _log_window(writer, exp: Experiment, summary, values, step: int, window: _Wi
     done, total = step + 1, exp.total_steps
     lr = float(exp.lr_schedule(step))  # the schedule the optimiser trains with
     img_s, eta = window.rates(done, total)
+    with_p = schedules.has_p_schedule(exp.config)  # p is inf and unused in the other families
     progress = (
         f"epoch {done / exp.steps_per_epoch:7.2f} step {done}/{total} loss {summary['loss']:.4f} "
         f"acc {summary['accuracy']:.4f} "
         + (f"(real {summary['accuracy_real']:.4f}) " if mixed else "")
-        + f"p {values['p']:.4g} lr {lr:.3g} "
+        + (f"p {values['p']:.4g} " if with_p else "")
+        + f"lr {lr:.3g} "
         f"{img_s:.1f} img/s ETA {_hms(eta)}"
     )
     writer.write_scalars(
@@ -277,7 +282,7 @@ def _log_window(writer, exp: Experiment, summary, values, step: int, window: _Wi
             "train/loss": summary["loss"],
             "train/accuracy": summary["accuracy"],
             **({"train/accuracy_real": summary["accuracy_real"]} if mixed else {}),
-            "train/p": min(values["p"], 1e6),
+            **({"train/p": min(values["p"], 1e6)} if with_p else {}),
             "train/lr": lr,
             "train/img_per_s": img_s,
         },

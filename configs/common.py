@@ -30,6 +30,10 @@ def get_common() -> ml_collections.ConfigDict:
     config.data.real_subset_mode = "random"  # first | random (fixed by seed)
     config.data.generated = ""  # path to an EDM .npz; "" = real data only
     config.data.generated_limit = 0  # 0 = all; else a fixed random subset of N images
+    # where a compressed generated .npz (np.savez_compressed) is extracted once: "" = beside the file when
+    # that folder is writable, else $XDG_CACHE_HOME/certjax (~/.cache/certjax); an uncompressed one is read
+    # in place
+    config.data.cache_dir = ""
     config.data.real_fraction = 0.3  # real share of every batch when generated data is given
     # real_set: an epoch is ceil(N_real / batch) steps, whatever the mix (the seed); real_pass: one pass over
     # the real set at the batch's real count, ceil(N_real / n_real) steps (LiResNet++)

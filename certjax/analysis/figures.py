@@ -9,8 +9,8 @@
   run without generated data), a line per (family, size, epochs, aux amount).
 * Fig. 5 `fig5_radius_cdf_<run>.png`: cumulative distribution of the certified radius of the predicted class,
   for correctly and incorrectly classified test points, without and with generated data.
-* Fig. 7 `fig7_confusion_<run>.png`: per class, counts of correct & certified, correct & not certified, and
-  wrong test points, without and with generated data.
+* Fig. 7 `fig7_confusion_<run>.png`: per class (named on the axis), counts of correct & certified, correct &
+  not certified, and wrong test points, without and with generated data.
 * App. C `best_vs_last.png`: certified accuracy of the best and the last checkpoint of every run.
 
 Only recorded values are drawn; a figure without data is not written.
@@ -176,24 +176,64 @@ def confusion_counts(data: dict[str, np.ndarray], num_classes: int) -> np.ndarra
     return counts
 
 
+def class_names(dataset: str, labels_seen: int) -> list[str]:
+    """Every class of the dataset (certjax.data.sources.DATASETS), by name where the dataset names them,
+    else by number; `labels_seen` classes (the largest label + 1) for a dataset certjax does not know."""
+    try:
+        from certjax.data.sources import DATASETS
+
+        info = DATASETS[dataset]
+    except (ImportError, KeyError):
+        return [str(label) for label in range(labels_seen)]
+    if info.class_names and len(info.class_names) == info.num_classes:
+        return list(info.class_names)
+    return [str(label) for label in range(info.num_classes)]
+
+
+def confusion_figure(title: str, panels: dict[str, dict[str, np.ndarray]], names: list[str]):
+    """Fig. 7's figure: a panel of stacked bars per aux column, a bar per class named on the x axis, and the
+    legend outside the panels (right of the last), where it cannot hide a bar.
+
+    Args:
+      title: the figure's title.
+      panels: aux column -> per-example arrays (label, correct, certified) of the radii file(s).
+      names: the class names, in label order.
+
+    Returns:
+      The matplotlib figure (not saved).
+    """
+    num_classes = len(names)
+    width = max(5.0, 0.12 * num_classes + 1.5)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 3.8), squeeze=False, sharey=True)
+    for ax, (column, data) in zip(axes[0], panels.items()):
+        counts = confusion_counts(data, num_classes)
+        bottom = np.zeros(num_classes)
+        for part, name in enumerate(("correct & certified", "correct, not certified", "wrong")):
+            ax.bar(np.arange(num_classes), counts[:, part], bottom=bottom, label=name)
+            bottom += counts[:, part]
+        many = num_classes > 20  # CIFAR-100: small, upright names
+        ax.set_xticks(
+            np.arange(num_classes),
+            names,
+            rotation=90 if many else 45,
+            ha="center" if many else "right",
+            fontsize=5 if many else 8,
+        )
+        ax.set(xlabel="true class", title=f"generated data: {column}")
+    axes[0][0].set_ylabel("test points")
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    fig.suptitle(title)
+    return fig
+
+
 def certified_confusion(records, out_dir, checkpoint="best") -> list[str]:
     written = []
     for key, columns in sorted(_rows(records, checkpoint).items(), key=lambda kv: str(kv[0])):
         panels = _compared_radii(columns)
         if not panels:
             continue
-        num_classes = 100 if key[0] == "cifar100" else int(max(d["label"].max() for d in panels.values())) + 1
-        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False, sharey=True)
-        for ax, (column, data) in zip(axes[0], panels.items()):
-            counts = confusion_counts(data, num_classes)
-            bottom = np.zeros(num_classes)
-            for part, name in enumerate(("correct & certified", "correct, not certified", "wrong")):
-                ax.bar(np.arange(num_classes), counts[:, part], bottom=bottom, label=name)
-                bottom += counts[:, part]
-            ax.set(xlabel="true class", title=f"generated data: {column}")
-        axes[0][0].set_ylabel("test points")
-        axes[0][-1].legend(fontsize=8)
-        fig.suptitle(f"Fig. 7: {' '.join(str(k) for k in key)}")
+        names = class_names(key[0], int(max(d["label"].max() for d in panels.values())) + 1)
+        fig = confusion_figure(f"Fig. 7: {' '.join(str(k) for k in key)}", panels, names)
         written.append(_save(fig, os.path.join(out_dir, f"fig7_confusion_{slug(*key)}.png")))
     return written
 

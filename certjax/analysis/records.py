@@ -14,7 +14,8 @@ Every `results.jsonl` under the given run directories is read (one JSON record p
   r=0.7").
 
 A re-evaluation of the same checkpoint replaces the earlier record (the last line of a file wins); records of
-several runs in one cell (seeds) are averaged, and the count is kept so tables can show it. Nothing is filled
+several runs in one cell are averaged over their seeds, and the number of distinct seeds is kept so tables can
+show it: two records of one seed (a rerun, a copied workdir) are one run, not two. Nothing is filled
 in: a cell without records is missing.
 """
 
@@ -153,7 +154,7 @@ def select(records, **conditions) -> list[dict]:
 
 
 def mean_cells(records, row_keys, column_key) -> dict[tuple, dict[str, dict]]:
-    """{row: {column: {"clean", "certified", "gap", "n"}}}: means over the runs in each cell."""
+    """{row: {column: {"clean", "certified", "gap", "n"}}}: means over the seeds in each cell."""
     groups: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for record in records:
         row = tuple(record.get(k) for k in row_keys)
@@ -169,15 +170,34 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def seed_groups(members: list[dict]) -> list[list[dict]]:
+    """The records of one cell (one config) grouped by seed: a seed is one run however many records it has
+    (a rerun, a copied workdir, an evaluation repeated). Records without a seed count as their workdir."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for record in members:
+        seed = ("seed", record["seed"]) if "seed" in record else ("workdir", record.get("workdir"))
+        groups[seed].append(record)
+    return list(groups.values())
+
+
 def summarise(members: list[dict]) -> dict:
-    clean = _mean(r.get("clean_accuracy") for r in members)
-    train = _mean(r.get("train_clean_accuracy") for r in members)
+    """A cell's means over its seeds (each seed's records averaged first), and the number of seeds `n`.
+
+    Returns:
+      {"clean", "certified", "gap" (train - test clean accuracy), "n", "records": one record per seed}.
+    """
+    seeds = seed_groups(members)
+
+    def over_seeds(field: str) -> float | None:
+        return _mean(_mean(r.get(field) for r in group) for group in seeds)
+
+    clean, train = over_seeds("clean_accuracy"), over_seeds("train_clean_accuracy")
     return {
         "clean": clean,
-        "certified": _mean(r.get("certified_accuracy") for r in members),
+        "certified": over_seeds("certified_accuracy"),
         "gap": None if clean is None or train is None else train - clean,
-        "n": len(members),
-        "records": members,
+        "n": len(seeds),
+        "records": [group[-1] for group in seeds],  # the latest of each seed: its radii for the figures
     }
 
 

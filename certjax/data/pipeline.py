@@ -221,6 +221,7 @@ def make_sources(config, *, need_train: bool = True, need_generated: bool = True
                 limit=data.get("generated_limit", 0) or None,
                 seed=config.seed,
                 image_shape=test.image_shape,
+                cache_dir=data.get("cache_dir", ""),
             )
             real_fraction = float(data.real_fraction)
         elif not data.get("generated", ""):

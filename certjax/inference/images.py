@@ -50,7 +50,19 @@ def as_images(images, image_shape=IMAGE_SHAPE) -> np.ndarray:
         raise ValueError(f"float images must be float16, float32 or float64, got {array.dtype}")
     # float16 / float32 are exact in float32; float64 is kept, so that its rounding is certified
     array = array.astype(np.float32 if array.dtype.itemsize <= 4 else np.float64)
-    if array.size and not (np.all(np.isfinite(array)) and array.min() >= 0.0 and array.max() <= 1.0):
+    finite = np.isfinite(array)
+    if not np.all(finite):  # NaN / inf: a broken image, not one on the wrong scale
+        bad = ~finite.reshape(len(array), -1)
+        first = int(np.flatnonzero(bad.any(axis=1))[0])
+        kinds = " and ".join(
+            name for name, hit in (("NaN", np.isnan(array).any()), ("inf", np.isinf(array).any())) if hit
+        )
+        raise ValueError(
+            f"images hold {kinds} values ({int(bad.sum())} pixel values in {int(bad.any(axis=1).sum())} "
+            f"image(s), the first is image {first}); every pixel must be a number in [0, 1]: check how the "
+            "images were made (a division by zero in a normalisation?)"
+        )
+    if array.size and not (array.min() >= 0.0 and array.max() <= 1.0):
         raise ValueError(
             "float images must lie in [0, 1] (pixels / 255); for values in [0, 255] pass them as uint8"
         )

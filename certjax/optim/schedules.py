@@ -6,7 +6,8 @@ Moved from certjax/train.py (learning_rate_schedule, now the SCHEDULES registry)
 Learning rate. `learning_rate_schedule` turns config.optimizer (schedule name, warmup_epochs, milestones,
 ...) into an optax schedule of the step: an optional linear warmup from 0 over warmup_epochs, then the named
 decay over the remaining steps. certjax.optim.make_optimizer builds it once and returns it, so the schedule
-that trains is the one the trainer logs.
+that trains is the one the trainer logs. A warmup that does not fit in a short run is scaled to half the run
+before training (`fit_warmup`, with one printed line).
 
 Per-step values, fed to the jitted train step as traced scalars (`schedule_values`). The l_p schedule of
 the l_inf-dist Net / SortNet (zbh2047/L_inf-dist-net-v2, train.py `--p-start 8 --p-end 1000 --epochs
@@ -91,7 +92,38 @@ def learning_rate_schedule(
     return decay
 
 
+def fit_warmup(config) -> str | None:
+    """A warmup as long as the run or longer (the LiResNet demos' 1 epoch with --config.train.epochs=1, the
+    full recipes' 20 with fewer epochs) is scaled to half the run, in place, instead of stopping the run;
+    a warmup shorter than the run is left as it is.
+
+    Args:
+      config: the whole training config (optimizer.warmup_epochs, train.epochs); changed in place.
+
+    Returns:
+      The line that says what was scaled, None when nothing was.
+    """
+    warmup, epochs = config.optimizer.get("warmup_epochs", 0), config.train.epochs
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (warmup, epochs))
+    if not numbers or epochs < 1 or not 0 < epochs <= warmup:  # config_checks names a bad value
+        return None
+    scaled = epochs / 2
+    with config.optimizer.ignore_type():  # an int field (20) takes the float (0.5)
+        config.optimizer.warmup_epochs = scaled
+    return (
+        f"optimizer.warmup_epochs={warmup:g} does not fit in train.epochs={epochs}: warming up for "
+        f"{scaled:g} epochs (half the run) instead"
+    )
+
+
 # ---------------------------------------------------------------------------------------- per-step values
+
+
+def has_p_schedule(config) -> bool:
+    """Whether the model's l_p norm follows a schedule (the l_inf-dist Net, SortNet): only then is p a
+    number worth printing and logging (it is inf, and unused, for the l_2 families)."""
+    ps = config.get("p_schedule")
+    return ps is not None and bool(ps.get("enabled", True))
 
 
 def progress(step: int, total_steps: int, start_fraction: float, end_fraction: float) -> float:
@@ -130,7 +162,7 @@ def schedule_values(config, step: int, total_steps: int) -> dict[str, float]:
     """
     values = {"eps_train": float(config.loss.get("eps_train", 0.0))}
     ps = config.get("p_schedule")
-    if ps is not None and ps.get("enabled", True):
+    if has_p_schedule(config):
         t = progress(step, total_steps, ps.start_fraction, ps.end_fraction)
         reached_end = step >= ps.end_fraction * total_steps
         values["p"] = math.inf if reached_end else geometric(ps.p_start, ps.p_end, t)

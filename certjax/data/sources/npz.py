@@ -3,13 +3,13 @@
 Moved from certjax/data/sources.py ("generated .npz"). The generated sets of the seed paper (1M/5M/10M
 images, 3-30 GB) do not fit in memory: the ``image`` member is used in place where the zip stores it
 uncompressed (``np.savez``), or extracted once, atomically, to a ``.npy`` when compressed
-(``np.savez_compressed``); batches are read with positional reads (shared/DESIGN.md, "Data flow" 1).
+(``np.savez_compressed``: one printed line says what, how large and where; config ``data.cache_dir``
+chooses the folder). Batches are read with positional reads (shared/DESIGN.md, "Data flow" 1).
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import math
 import os
 import shutil
@@ -30,9 +30,9 @@ from certjax.data.sources.base import (
     check_num_classes,
 )
 from certjax.data.sources.registry import IMAGE_SHAPE
+from certjax.outputs import publish_mode
 
 _COPY_CHUNK = 16 << 20
-_log = logging.getLogger(__name__)
 
 
 def _npy_data_location(f, where, image_shape) -> tuple[int, int]:
@@ -70,24 +70,65 @@ def _stored_member_data_offset(f, info: zipfile.ZipInfo, where) -> int:
     return info.header_offset + 30 + name_len + extra_len
 
 
-def _extracted_npy_path(npz: Path) -> Path:
-    """``<file>.image.npy`` beside the .npz, or in a cache dir when that folder is not writable."""
-    beside = npz.with_name(npz.name + ".image.npy")
-    if os.access(npz.parent, os.W_OK):
-        return beside
-    cache = Path(os.environ.get("CERTJAX_CACHE", "~/.cache/certjax")).expanduser()
+def user_cache_dir() -> Path:
+    """certjax's folder in the user's cache: $CERTJAX_CACHE, else $XDG_CACHE_HOME/certjax, else
+    ~/.cache/certjax."""
+    if os.environ.get("CERTJAX_CACHE"):
+        return Path(os.environ["CERTJAX_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "certjax"
+
+
+def extraction_path(npz: Path, cache_dir: str = "") -> Path:
+    """Where a compressed ``image`` member is extracted: ``<file>.image.npy`` beside the .npz when
+    ``cache_dir`` is empty and that folder is writable; else ``<name>-<hash of the path>.image.npy`` in
+    ``cache_dir`` (config ``data.cache_dir``) or, when that is empty, in the user's cache folder."""
+    if not cache_dir and os.access(npz.parent, os.W_OK):
+        return npz.with_name(npz.name + ".image.npy")
+    folder = Path(cache_dir).expanduser() if cache_dir else user_cache_dir()
     key = hashlib.sha1(str(npz.resolve()).encode()).hexdigest()[:16]
-    return cache / f"{npz.stem}-{key}.image.npy"
+    return folder / f"{npz.stem}-{key}.image.npy"
 
 
-def _extract_once(zf: zipfile.ZipFile, info: zipfile.ZipInfo, npz: Path) -> Path:
-    target = _extracted_npy_path(npz)
+def human_bytes(count: int) -> str:
+    """1234567 -> '1.2 MB' (powers of 1000, as disk sizes are sold and `df -H` shows them)."""
+    for unit, name in ((10**12, "TB"), (10**9, "GB"), (10**6, "MB"), (10**3, "kB")):
+        if count >= unit:
+            return f"{count / unit:.1f} {name}"
+    return f"{count} B"
+
+
+def _make_room(npz: Path, target: Path, size: int) -> None:
+    """The target's folder exists and has `size` bytes free, or a DataError naming the fix."""
+    fix = (
+        "set --config.data.cache_dir to a folder with room, or save the .npz uncompressed (np.savez: read "
+        "in place, nothing extracted)"
+    )
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(target.parent).free
+    except OSError as e:
+        raise DataError(f"{npz}: cannot extract image.npy to {target.parent} ({e}); {fix}") from e
+    if free < size:
+        raise DataError(
+            f"{npz}: image.npy is compressed and must be extracted once ({human_bytes(size)}), but "
+            f"{target.parent} has {human_bytes(free)} free; free space there, or {fix}"
+        )
+
+
+def _extract_once(zf: zipfile.ZipFile, info: zipfile.ZipInfo, npz: Path, cache_dir: str = "") -> Path:
+    target = extraction_path(npz, cache_dir)
     st = target.stat() if target.exists() else None
     # Complete by construction (atomic rename); stale if the .npz changed after the extraction.
     if st and st.st_size == info.file_size and st.st_mtime >= npz.stat().st_mtime:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _log.info("extracting %s:image.npy to %s (once)", npz, target)
+    _make_room(npz, target, info.file_size)
+    from certjax.writers import console  # imports jax: only when there is something to say
+
+    # One line: the README promises the .npz is read in place, and this is the exception (time and disk).
+    console(
+        f"{npz}: image.npy is compressed (np.savez_compressed); extracting it once "
+        f"({human_bytes(info.file_size)}) to {target}"
+    )
     # Write to a unique temp name and rename: a killed process (or a second one extracting at the
     # same time) never leaves a partial file under the final name.
     tmp = None
@@ -97,6 +138,7 @@ def _extract_once(zf: zipfile.ZipFile, info: zipfile.ZipInfo, npz: Path) -> Path
             shutil.copyfileobj(src, dst, _COPY_CHUNK)  # zipfile checks the CRC at the end
             dst.flush()
             os.fsync(dst.fileno())
+        publish_mode(tmp)  # mkstemp's 0600: the umask's mode, as any file the user makes
         os.replace(tmp, target)
     except BaseException as e:
         if tmp is not None:
@@ -111,20 +153,29 @@ class GeneratedNpzSource:
     """Generated images from an ``.npz`` with ``image`` uint8 [N, *image_shape] and ``label`` [N].
 
     ``image`` is never read whole (files reach 30 GB): an uncompressed member (``np.savez``) is
-    used where it lies in the .npz; a compressed one (``np.savez_compressed``) is extracted once to
-    ``<file>.image.npy``. Batches are read with positional reads (see ``_read_rows``); the file is
-    also memory-mapped as ``file_images``. ``limit`` keeps a fixed random subset of that many
-    images (sorted, chosen by ``seed``), as in "1M subsampled from 5M".
+    used where it lies in the .npz; a compressed one (``np.savez_compressed``) is extracted once, with
+    one printed line, to ``<file>.image.npy`` or into ``cache_dir`` (``extraction_path``). Batches are
+    read with positional reads (see ``_read_rows``); the file is also memory-mapped as ``file_images``.
+    ``limit`` keeps a fixed random subset of that many images (sorted, chosen by ``seed``), as in "1M
+    subsampled from 5M".
 
     Args: ``image_shape`` is the dataset's (H, W, C) (CIFAR's by default): the file must hold images of
-    that shape, so that generated and real images can share a batch.
+    that shape, so that generated and real images can share a batch. ``cache_dir`` (config
+    ``data.cache_dir``): where a compressed ``image`` is extracted; "" = beside the file when that folder
+    is writable, else the user's cache folder (``user_cache_dir``).
 
     Attributes: ``file_images`` (np.memmap over all images in the file), ``rows`` (file rows used,
     None for all), ``labels`` (int32 per element of this source), ``image_shape``.
     """
 
     def __init__(
-        self, path, num_classes: int, limit: int | None = None, seed: int = 0, image_shape=IMAGE_SHAPE
+        self,
+        path,
+        num_classes: int,
+        limit: int | None = None,
+        seed: int = 0,
+        image_shape=IMAGE_SHAPE,
+        cache_dir: str = "",
     ):
         self.path = Path(path).expanduser()
         self.num_classes = check_num_classes(num_classes, self.path)
@@ -154,7 +205,7 @@ class GeneratedNpzSource:
                     if info.file_size != header + n * self._row_bytes:
                         raise DataError(f"{where}: image.npy size disagrees with its header")
                 else:
-                    self._file = _extract_once(zf, info, self.path)
+                    self._file = _extract_once(zf, info, self.path, cache_dir)
                     with open(self._file, "rb") as f:
                         _, n = _npy_data_location(f, f"{where} (extracted {self._file})", self.image_shape)
                         self._offset = f.tell()
