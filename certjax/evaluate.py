@@ -3,13 +3,14 @@
 Reads the config saved beside the checkpoint, so evaluation certifies exactly the trained model (same family,
 normalisation and eps). Every evaluation writes one JSON line to `<workdir>/results.jsonl`, replacing the
 line of an earlier evaluation of the same checkpoint kind and step (certjax.outputs.append_record: the whole
-file goes to a temporary file renamed over the old one, so it is never half-written). Per-example radii go
-to `<workdir>/eval/radii_step<step>.npz` (input to the radius-distribution figures), together with
-`prediction_radius`: the certified radius of the *predicted* class (equal to `radius` on correct points; on
-incorrect ones, how robustly the model is wrong: seed paper Fig. 5). The record holds the certified accuracy
-at a list of radii (`config.certify.radii`, default eps * (0, 0.5, 1, 1.5, 2); radius 0 = clean accuracy).
-With interval bounds (`certify.method` ibp | both, the l_inf families) it also holds the certified accuracy by
-the margin alone and by IBP alone, at eps and at every radius, next to the method's own (`certify_method`).
+file goes to a temporary file renamed over the old one, so it is never half-written). Per-example arrays go
+to `<workdir>/eval/radii_step<step>.npz` (input to the radius-distribution figures; its names and their
+meaning: certjax/radii_file.py): `radius`, the certified radius of the prediction, `certified_radius`, the
+same on correct points and 0 on the others, `certified`, correct and robust at eps. The record's certified
+accuracy is the fraction of test points certified (correct and robust); it holds that at a list of radii too
+(`config.certify.radii`, default eps * (0, 0.5, 1, 1.5, 2); radius 0 = clean accuracy). With interval bounds
+(`certify.method` ibp | both, the l_inf families) it also holds the certified accuracy by the margin alone and
+by IBP alone, at eps and at every radius, next to the method's own (`certify_method`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from certjax.data import pipeline
 from certjax.data.sources import SubsetSource, subset_indices
 from certjax.experiment import Experiment
 from certjax.outputs import append_record, atomic_write_bytes
+from certjax.radii_file import radii_arrays
 from certjax.writers import console
 
 
@@ -114,7 +116,7 @@ def evaluate_checkpoint(workdir: str, which: str = "best", train_subset: int = 1
 
     radii_path = os.path.join(os.path.abspath(workdir), "eval", f"radii_step{info.step}.npz")
     if jax.process_index() == 0:
-        save_radii(radii_path, results)
+        save_radii(radii_path, radii_arrays(results))
     record = results_record(exp, which, info, results, train_eval, bounds_report)
     record["radii_path"] = radii_path
     record["time"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

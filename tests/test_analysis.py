@@ -1,8 +1,10 @@
 """certjax.analysis: tables and figures from synthetic records written to temporary run directories; the
-certified-accuracy-at-radii helper of certjax.evaluate."""
+certified-accuracy-at-radii helper of certjax.evaluate; radii files and records written before issue 22's
+renaming (a real one: the LOT golden case's) still read."""
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,19 +47,25 @@ def _run(root, name, *, family, variant="", epochs=800, aux=0, fraction=1.0, cle
     return workdir
 
 
-def _radii(seed, n=200, classes=10):
+def _radii(seed, n=200, classes=10, old=False):
+    """A radii file's arrays in today's names (certjax/radii_file.py), or with old=True in the names files had
+    before issue 22 (`radius` the correct-class radius, `prediction_radius` the prediction's)."""
     rng = np.random.default_rng(seed)
     label = rng.integers(0, classes, n)
     correct = rng.random(n) < 0.6
-    radius = np.where(correct, rng.random(n) * 0.1, 0.0)
-    return {
+    certified_radius = np.where(correct, rng.random(n) * 0.1, 0.0)
+    radius = np.where(correct, certified_radius, rng.random(n) * 0.05)
+    arrays = {
         "label": label,
         "prediction": np.where(correct, label, (label + 1) % classes),
         "correct": correct,
         "radius": radius,
-        "prediction_radius": np.where(correct, radius, rng.random(n) * 0.05),
-        "certified": correct & (radius > 8 / 255),
+        "certified_radius": certified_radius,
+        "certified": correct & (certified_radius > 8 / 255),
     }
+    if old:
+        arrays["radius"], arrays["prediction_radius"] = arrays.pop("certified_radius"), radius
+    return arrays
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +81,7 @@ def runs(tmp_path_factory):
         fraction=0.3,
         clean=0.60,
         cert=0.37,
-        radii=_radii(1),
+        radii=_radii(1, old=True),  # a run evaluated before issue 22: its radii file in the old names
     )
     _run(root, "linf_5m_s0", family="linf_dist", aux=5_000_000, fraction=0.3, clean=0.62, cert=0.38)
     _run(root, "linf_5m_s1", family="linf_dist", aux=5_000_000, fraction=0.3, clean=0.64, cert=0.40, seed=1)
@@ -186,3 +194,50 @@ def test_certified_accuracy_at_radii():
     out = certified_accuracy_at(correct, radius, [0.0, 0.1, 0.3])
     assert out == {"0": 0.75, "0.1": 0.25, "0.3": 0.25}  # strict '>': radius 0.1 is not certified at 0.1
     assert os.path.basename(__file__) == "test_analysis.py"
+
+
+def test_old_and_new_radii_files_read_in_the_same_names(tmp_path):
+    """A radii file written before issue 22 (old names) and one written today, of the same arrays, read the
+    same; today's names are what certjax.evaluate writes (radii_file.radii_arrays of the certifier's)."""
+    from certjax.radii_file import radii_arrays, read_radii
+
+    np.savez(tmp_path / "old.npz", **_radii(3, old=True))
+    np.savez(tmp_path / "new.npz", **_radii(3))
+    old, new = read_radii(str(tmp_path / "old.npz")), read_radii(str(tmp_path / "new.npz"))
+    assert sorted(old) == sorted(new) == sorted(_radii(3))
+    for key in new:
+        np.testing.assert_array_equal(old[key], new[key], err_msg=key)
+    wrong = ~new["correct"]
+    assert np.all(new["certified_radius"][wrong] == 0) and np.any(new["radius"][wrong] > 0)
+    # the certifier's names (those of the old files) -> the file's
+    assert sorted(radii_arrays(_radii(3, old=True))) == sorted(new)
+
+
+def test_a_run_evaluated_before_the_renaming_still_reads(tmp_path):
+    """A run as the code of 8811d5e left it: its results record and radii file are the ones recorded for the
+    LOT golden case (tests/golden/lot: what that code computed and wrote, old names included). Today's
+    analysis reads them in today's names and draws the radius and confusion figures from them."""
+    from certjax.radii_file import read_radii
+
+    golden = Path(__file__).resolve().parent / "golden" / "lot"
+    with np.load(golden / "golden.npz") as data:
+        old = {key[len("radii/") :]: data[key] for key in data.files if key.startswith("radii/")}
+    assert "prediction_radius" in old and "certified_radius" not in old  # the old names
+    record = json.loads((golden / "golden.json").read_text())["record"]
+    workdir = tmp_path / "runs" / "lot_before"
+    (workdir / "eval").mkdir(parents=True)
+    path = workdir / "eval" / f"radii_step{record['step']}.npz"
+    np.savez(path, **old)
+    (workdir / "results.jsonl").write_text(json.dumps({**record, "radii_path": str(path)}) + "\n")
+
+    arrays = read_radii(str(path))
+    np.testing.assert_array_equal(arrays["radius"], old["prediction_radius"])
+    np.testing.assert_array_equal(arrays["certified_radius"], old["radius"])
+    np.testing.assert_array_equal(arrays["certified_radius_assumed"], old["radius_assumed"])
+    np.testing.assert_array_equal(arrays["certified"], old["certified"])
+    assert "prediction_radius" not in arrays and "radius_assumed" not in arrays
+    (loaded,) = records.load_records([tmp_path / "runs"])
+    assert loaded["certified_accuracy"] == record["certified_accuracy"]
+    assert record["certified_accuracy"] == pytest.approx(old["certified"].mean())
+    written = write_analysis([tmp_path / "runs"], str(tmp_path / "out"))["figures"]
+    assert any("fig5_radius_cdf" in p for p in written) and any("fig7_confusion" in p for p in written)

@@ -50,16 +50,19 @@ def test_api_equals_evaluate_bit_for_bit(tiny_run, family):
     assert model.info["threat_model"] == ("linf" if family in ("linf_dist", "sortnet") else "l2")
     out = model.certify(images, labels=labels)
     np.testing.assert_array_equal(out["prediction"], saved["prediction"])
-    np.testing.assert_array_equal(out["radius"], saved["prediction_radius"])  # bit for bit
-    np.testing.assert_array_equal(np.where(out["correct"], out["radius"], 0.0), saved["radius"])
-    np.testing.assert_array_equal(out["correct"] & out["certified"], saved["certified"])
+    np.testing.assert_array_equal(out["radius"], saved["radius"])  # bit for bit
+    np.testing.assert_array_equal(np.where(out["correct"], out["radius"], 0.0), saved["certified_radius"])
+    np.testing.assert_array_equal(out["certified_radius"], saved["certified_radius"])
+    np.testing.assert_array_equal(out["correct"] & out["robust"], saved["certified"])
+    np.testing.assert_array_equal(out["certified"], saved["certified"])  # one meaning: correct and robust
     # without labels: the same predictions and radii; another eps only moves the threshold
     plain = model.certify(images[:300], eps=2 * model.info["eps"])
     np.testing.assert_array_equal(plain["radius"], out["radius"][:300])
-    margin = plain.get("certified_margin", plain["certified"])  # l_inf families: IBP certifies as well
+    margin = plain.get("robust_margin", plain["robust"])  # l_inf families: IBP certifies as well
     np.testing.assert_array_equal(margin, out["radius"][:300] > np.float32(2 * model.info["eps"]))
-    if "certified_ibp" in plain:
-        np.testing.assert_array_equal(plain["certified"], margin | plain["certified_ibp"])
+    if "robust_ibp" in plain:
+        np.testing.assert_array_equal(plain["robust"], margin | plain["robust_ibp"])
+    assert "certified" not in plain and "correct" not in plain  # no label, no claim about correctness
     # float pixels in [0, 1], a jax array, an odd count: same predictions, radii within float32 rounding
     floats = model.certify(images[:7] / 255.0)
     np.testing.assert_array_equal(floats["prediction"], out["prediction"][:7])
@@ -105,8 +108,9 @@ def test_certify_files_on_a_zip_of_real_images_writes_the_rows(tiny_run, image_z
         assert row["label"] == cifar.index(row["file"].split("/")[0])  # class folder -> CIFAR-10 label
         assert row["prediction"] == int(expected["prediction"][i])
         assert row["radius"] == float(expected["radius"][i])
-        assert row["certified"] == bool(expected["certified"][i])
+        assert row["robust"] == bool(expected["robust"][i])
         assert row["correct"] == (row["prediction"] == row["label"])
+        assert row["certified"] == (row["correct"] and row["robust"]) == bool(expected["certified"][i])
     assert summary["accuracy"] == pytest.approx(np.mean([r["correct"] for r in rows]))
 
 
@@ -125,12 +129,17 @@ def test_certify_command_line_writes_csv_quietly(tiny_run, image_zip, tmp_path):
         "file",
         "prediction",
         "radius",
-        "certified",
+        "robust",
         "label",
         "correct",
+        "certified",
     }
     (summary,) = result.stdout.strip().splitlines()  # one summary line, nothing else on stdout
     assert "12 images" in summary and "certified accuracy" in summary and str(out) in summary
+    # one meaning per word: the fraction robust is called robust, the certified accuracy counts correct points
+    robust = np.mean([row["robust"] == "True" for row in rows])
+    certified = np.mean([row["certified"] == "True" for row in rows])
+    assert f"{robust:.4f} robust" in summary and f"certified accuracy {certified:.4f}" in summary
     assert not [line for line in result.stderr.splitlines() if line.startswith("I")]  # no absl/orbax INFO
 
 
@@ -191,8 +200,9 @@ def test_certify_files_reads_an_npz_with_labels_and_a_single_image(tiny_run, tmp
     assert [r["file"] for r in rows] == [f"batch.npz:{i}" for i in range(10)]
     assert [int(r["label"]) for r in rows] == labels.tolist()
     assert [float(r["radius"]) for r in rows] == expected["radius"].tolist()
-    certified = expected["correct"] & expected["certified"]
+    certified = expected["correct"] & expected["robust"]
     assert summary["certified_accuracy"] == pytest.approx(np.mean(certified))
+    assert [r["certified"] == "True" for r in rows] == certified.tolist()
     from PIL import Image
 
     Image.fromarray(images[3]).save(tmp_path / "one.png")

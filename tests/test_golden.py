@@ -65,6 +65,32 @@ def _tree_arrays(prefix: str, tree) -> dict[str, np.ndarray]:
 # The only lines to update when the code moves.
 
 
+# Issue 22 renamed outputs (one meaning per word, certjax/inference/certificates.py, certjax/radii_file.py);
+# these map today's names back to the names recorded at 8811d5e, for the same arrays.
+RECORDED_RADII_NAMES = {  # 8811d5e wrote the certifier's names into the radii file
+    "certified_radius": "radius",  # the correct-class convention (0 on a wrong point)
+    "radius": "prediction_radius",  # the prediction's radius
+    "certified_radius_assumed": "radius_assumed",
+}
+RECORDED_CERTIFY_NAMES = {  # 8811d5e's certify called the prediction's certificate `certified`
+    "prediction": "prediction",
+    "radius": "radius",
+    "robust": "certified",
+    "robust_margin": "certified_margin",
+    "robust_ibp": "certified_ibp",
+    "label": "label",
+    "correct": "correct",
+}  # today's `certified` (correct and robust), `certified_radius`, `certified_margin` / `_ibp` are new
+
+
+def recorded_export_names(out: dict) -> dict:
+    """8811d5e's export certified by the margin only: its `certified` is today's `robust_margin` (the l_inf
+    families, whose `robust` adds interval bounds) or `robust` (the others)."""
+    names = {"prediction": "prediction", "radius": "radius", "label": "label", "correct": "correct"}
+    names["robust_margin" if "robust_margin" in out else "robust"] = "certified"
+    return names
+
+
 def evaluate_record(workdir: Path) -> tuple[dict, dict]:
     """`evaluate_checkpoint` on workdir (written to: pass a copy): every array of its radii file and its
     results record without the wall-clock time and the absolute radii path."""
@@ -72,13 +98,14 @@ def evaluate_record(workdir: Path) -> tuple[dict, dict]:
 
     record = evaluate_checkpoint(str(workdir), "best", train_subset=TRAIN_SUBSET)
     with np.load(record["radii_path"]) as radii:
-        arrays = {f"radii/{key}": radii[key] for key in radii.files}
+        arrays = {f"radii/{RECORDED_RADII_NAMES.get(key, key)}": radii[key] for key in radii.files}
     values = {k: v for k, v in record.items() if k not in ("time", "radii_path")}
     return arrays, {"record": _jsonable(values)}
 
 
-def _model_outputs(prefix: str, model, images, labels) -> dict[str, np.ndarray]:
-    """certify with labels (uint8 and float32 images), without labels, at half the eps; logits."""
+def _model_outputs(prefix: str, model, images, labels, recorded_names) -> dict[str, np.ndarray]:
+    """certify with labels (uint8 and float32 images), without labels, at half the eps; logits.
+    recorded_names: a certify dict -> {today's name: the recorded name} of the fields recorded."""
     eps = float(model.info["eps"])
     floats = images.astype(np.float32) / np.float32(255)
     calls = {
@@ -87,7 +114,12 @@ def _model_outputs(prefix: str, model, images, labels) -> dict[str, np.ndarray]:
         "certify_nolabels": model.certify(images),
         "certify_half_eps": model.certify(images, eps=eps / 2, labels=labels),
     }
-    arrays = {f"{prefix}/{call}/{k}": np.asarray(v) for call, out in calls.items() for k, v in out.items()}
+    arrays = {
+        f"{prefix}/{call}/{recorded}": np.asarray(out[name])
+        for call, out in calls.items()
+        for name, recorded in recorded_names(out).items()
+        if name in out
+    }
     arrays[f"{prefix}/logits"] = np.asarray(model.logits(images))
     arrays[f"{prefix}/logits_float"] = np.asarray(model.logits(floats))
     return arrays
@@ -103,7 +135,8 @@ def restore_model(workdir: Path):
 def api_outputs(model, images, labels) -> tuple[dict, dict]:
     """The restored model on the fixed images; its info without the workdir path."""
     info = {k: v for k, v in model.info.items() if k != "workdir"}
-    return _model_outputs("api", model, images, labels), {"api_info": _jsonable(info)}
+    arrays = _model_outputs("api", model, images, labels, lambda out: RECORDED_CERTIFY_NAMES)
+    return arrays, {"api_info": _jsonable(info)}
 
 
 def export_outputs(model, out_dir: Path, images, labels) -> tuple[dict, dict]:
@@ -117,7 +150,8 @@ def export_outputs(model, out_dir: Path, images, labels) -> tuple[dict, dict]:
     keep = ("family", "variant", "threat_model", "eps", "mean", "std", "dataset", "num_classes",
             "input_shape", "batch_size", "pair_lipschitz", "lipschitz")  # fmt: skip
     manifest = {k: exported.info[k] for k in keep}
-    return _model_outputs("export", exported, images, labels), {"export_manifest": _jsonable(manifest)}
+    arrays = _model_outputs("export", exported, images, labels, recorded_export_names)
+    return arrays, {"export_manifest": _jsonable(manifest)}
 
 
 def train_step_outputs(workdir: Path) -> tuple[dict, dict]:

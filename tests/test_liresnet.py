@@ -382,7 +382,7 @@ def test_launch_trains_and_evaluates_liresnet_with_guaranteed_and_power_bounds(t
     assert 0.0 <= record["certified_accuracy"] <= record["certified_accuracy_assumed"]
     assert record["certified_accuracy_assumed"] <= record["clean_accuracy"] <= 1.0
     radii = np.load(record["radii_path"])
-    assert np.all(radii["radius"][radii["certified"]] > record["eps"])
+    assert np.all(radii["certified_radius"][radii["certified"]] > record["eps"])
 
 
 def test_emma_gradient_equals_the_plain_xla_convolution_path(monkeypatch):

@@ -413,4 +413,4 @@ def test_launch_trains_and_evaluates_lot_with_measured_and_assumed_bounds(tmp_pa
     assert 0.0 <= record["certified_accuracy"] <= record["clean_accuracy"] <= 1.0
     assert 0.0 <= record["certified_accuracy_assumed"] <= record["clean_accuracy"]
     radii = np.load(record["radii_path"])
-    assert np.all(radii["radius"][radii["certified"]] > record["eps"])
+    assert np.all(radii["certified_radius"][radii["certified"]] > record["eps"])

@@ -116,7 +116,7 @@ def test_a_family_outside_certjax_trains_evaluates_certifies_and_is_audited(tmp_
     out = model.certify(np.asarray(images, np.uint8), labels=np.asarray(labels))
     with np.load(record["radii_path"]) as radii:
         np.testing.assert_array_equal(out["prediction"], radii["prediction"][:64])
-        np.testing.assert_array_equal(out["radius"], radii["prediction_radius"][:64])  # bit for bit
+        np.testing.assert_array_equal(out["radius"], radii["radius"][:64])  # bit for bit
 
     # the audit: attacks in the family's threat model break no certificate
     result = _run([sys.executable, "-m", "certjax.audit", f"--workdir={workdir}", "--limit=100", "--steps=10",

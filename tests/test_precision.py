@@ -4,9 +4,10 @@ forward, and of the export's function, runs at precision HIGHEST when lowered fo
 NVIDIA GPUs may run a float32 dot or convolution of DEFAULT precision in TF32 (10-bit mantissa), whose error
 the certificates' rounding allowances do not cover. The lowering for CUDA needs no GPU: each golden checkpoint
 (tests/golden/<case>, see tests/test_golden.py) is restored, its certifying forward
-(`certjax.models.certified_logits`) lowered with `lowering_platforms=("cuda",)` and the export's artifact
-written for CUDA only; every `stablehlo.dot_general` / `stablehlo.convolution` with a float32 operand in the
-StableHLO text must carry HIGHEST precision for both operands.
+(`certjax.models.certified_logits`) lowered with `lowering_platforms=("cuda",)` and the export's artifacts
+(the forward, and the l_inf families' interval bound step) written for CUDA only; every
+`stablehlo.dot_general` / `stablehlo.convolution` with a float32 operand in the StableHLO text must carry
+HIGHEST precision for both operands.
 """
 
 from __future__ import annotations
@@ -73,9 +74,14 @@ def test_certifying_forward_has_no_tf32_dot_or_convolution_on_cuda(restored):
 
 
 def test_export_for_cuda_has_no_tf32_dot_or_convolution(restored, tmp_path):
-    from certjax.inference.export import ARTIFACTS, export_model
+    from certjax.inference.export import ARTIFACTS, IBP_ARTIFACTS, export_model
 
-    export_model(restored, str(tmp_path / "export"), platforms=("cuda",))
-    for name in ARTIFACTS.values():
+    manifest = export_model(restored, str(tmp_path / "export"), platforms=("cuda",))
+    names = [name for by_dtype in manifest["artifacts"].values() for name in by_dtype.values()]
+    # every program: the certifying forward, and the interval bound step where the family certifies by it
+    interval = restored._exp.certify_method != "margin"
+    expected = [*ARTIFACTS.values(), *(IBP_ARTIFACTS.values() if interval else [])]
+    assert sorted(names) == sorted(expected)
+    for name in names:
         artifact = jax.export.deserialize(bytearray((tmp_path / "export" / name).read_bytes()))
         assert low_precision_float32_ops(artifact.mlir_module()) == [], name

@@ -35,8 +35,8 @@ def _images():
     return images64, images64.astype(np.float32)
 
 
-def _margin_certified(out):
-    return out.get("certified_margin", out["certified"])  # the l_inf families add interval bounds
+def _margin_robust(out):
+    return out.get("robust_margin", out["robust"])  # the l_inf families add interval bounds
 
 
 @pytest.mark.parametrize("which", ["api", "export"])
@@ -65,8 +65,8 @@ def test_a_float64_image_is_certified_as_its_float32_rounding_minus_the_distance
     i = int(np.argmax(radius32))
     eps = float(radius32[i] - distance[i] / 2)
     assert radius64[i] <= eps < round_up_float32(eps) < radius32[i]
-    assert _margin_certified(model.certify(images32[i], eps=eps))[0]
-    assert not _margin_certified(model.certify(images64[i], eps=eps))[0]
+    assert _margin_robust(model.certify(images32[i], eps=eps))[0]
+    assert not _margin_robust(model.certify(images64[i], eps=eps))[0]
 
 
 def test_uint8_and_float32_inputs_are_certified_as_given(models):

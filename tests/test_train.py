@@ -194,10 +194,10 @@ def test_launch_trains_and_evaluates_on_real_images(tmp_path, generated):
     assert record["aux_amount"] == (500 if generated else 0)
     assert record["last_epoch"] == 3
     radii = np.load(record["radii_path"])
-    assert radii["radius"].shape == (1000,)
+    assert radii["certified_radius"].shape == (1000,)
     # the margin radius proves the margin certificates; with certify.method "both" (the l_inf default) a
     # point is certified by the margin or by interval bounds
-    assert np.all(radii["radius"][radii["certified_margin"]] > record["eps"])
+    assert np.all(radii["certified_radius"][radii["certified_margin"]] > record["eps"])
     np.testing.assert_array_equal(radii["certified"], radii["certified_margin"] | radii["certified_ibp"])
     assert record["certified_accuracy"] == pytest.approx(radii["certified"].mean())
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))

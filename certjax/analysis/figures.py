@@ -13,7 +13,9 @@
   not certified, and wrong test points, without and with generated data.
 * App. C `best_vs_last.png`: certified accuracy of the best and the last checkpoint of every run.
 
-Only recorded values are drawn; a figure without data is not written.
+Only recorded values are drawn; a figure without data is not written. Radii files of every version are read
+in today's names (certjax.radii_file.read_radii: `radius` is the prediction's, `certified` correct and
+robust).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from certjax.analysis import records as rec  # noqa: E402
+from certjax.radii_file import read_radii  # noqa: E402
 
 RUN_KEYS = ("dataset", "family", "size", "epochs")
 
@@ -125,8 +128,7 @@ def _radii_of(summary) -> dict[str, np.ndarray] | None:
     for record in summary["records"]:
         path = rec.radii_file(record)
         if path:
-            with np.load(path) as data:
-                arrays.append({k: data[k] for k in data.files})
+            arrays.append(read_radii(path))  # files of any version, in today's names
     if not arrays:
         return None
     keys = set.intersection(*(set(a) for a in arrays))
@@ -152,7 +154,8 @@ def radius_cdfs(records, out_dir, checkpoint="best") -> list[str]:
             continue
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
         for column, data in curves.items():
-            radius = data.get("prediction_radius", data["radius"])
+            # the prediction's radius; the oldest radii files hold only the correct-class one
+            radius = data["radius"] if "radius" in data else data["certified_radius"]
             for ax, mask in zip(axes, (data["correct"], ~data["correct"])):
                 values = np.sort(radius[mask])
                 if len(values):

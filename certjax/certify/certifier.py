@@ -121,7 +121,9 @@ class Certifier:
           prediction / correct / radius / certified / prediction_radius / logit_error / label, and with a
           family's measured bounds `certified_assumed` / `radius_assumed` (the bound the architecture
           promises); with interval bounds `certified_margin` / `certified_ibp` / `ibp_certified_at`. The
-          bounds' report is kept in `last_bounds_report`.
+          bounds' report is kept in `last_bounds_report`. These are the certifier's own names: its `radius`
+          is the label's (0 on a wrong point), which the radii file and the API call `certified_radius`,
+          giving the prediction's as `radius` (certjax/radii_file.py, certjax/inference/certificates.py).
         """
         if bounds is None:
             bounds = self.certificate_bounds(params, model_state)

@@ -1,9 +1,11 @@
 """`launch.py --mode=certify`: certify the images in a folder, zip, .npz or image file; one row per image.
 
 Rows go to JSON Lines (`.jsonl`) or CSV (`.csv`), chosen by the --out extension (default
-`<workdir>/certify/<images name>.jsonl`): file, prediction, radius (pixel units), certified (at eps), and
-label / correct when the images carry labels (class folders, an .npz `label`). The file is written whole to
-a temporary file and renamed, so it is never half-written; nothing is written when anything fails.
+`<workdir>/certify/<images name>.jsonl`), with the API's words (certjax/inference/certificates.py): file,
+prediction, radius (the certified radius of the prediction, pixel units), robust (the prediction provably
+unchanged within eps), and label / correct / certified (correct and robust) when the images carry labels
+(class folders, an .npz `label`). The file is written whole to a temporary file and renamed, so it is never
+half-written; nothing is written when anything fails.
 """
 
 from __future__ import annotations
@@ -68,8 +70,19 @@ def certify_files(
 ) -> dict:
     """Certify every image at `images` with the checkpoint; write the rows; return a summary.
 
-    `labels`: how class folders are labelled ("names": by the model's dataset's class names, "sorted" or a
-    JSON mapping file; certjax/data/labels.py)."""
+    Args:
+      workdir: the run's directory (its checkpoints).
+      images: a folder, zip, .npz or image file (certjax.data.user_images).
+      checkpoint: "best", "last" or a step.
+      eps: the budget in pixel units (default the checkpoint's).
+      out: the .jsonl / .csv to write (default <workdir>/certify/<images name>.jsonl).
+      skip_bad_images: skip unreadable images with a warning instead of stopping.
+      labels: how class folders are labelled ("names": by the model's dataset's class names, "sorted" or
+        a JSON mapping file; certjax/data/labels.py).
+    Returns:
+      {"images", "skipped", "eps", "robust" (fraction), "out"} and, with labels, "accuracy" and
+      "certified_accuracy" (the fraction correct and robust).
+    """
     if eps is not None and (not math.isfinite(eps) or eps < 0):
         raise ConfigError(
             f"--eps={eps}: the budget must be a number >= 0 (pixel units, e.g. 36/255 = 0.1412)"
@@ -94,30 +107,32 @@ def certify_files(
             "file": name,
             "prediction": int(result["prediction"][i]),
             "radius": float(result["radius"][i]),
-            "certified": bool(result["certified"][i]),
+            "robust": bool(result["robust"][i]),
         }
         if labels is not None:
             row["label"] = int(labels[i])
             row["correct"] = bool(result["correct"][i])
+            row["certified"] = bool(result["certified"][i])
         rows.append(row)
     atomic_write_bytes(path, rows_payload(rows, path))
     summary = {
         "images": len(rows),
         "skipped": len(data.skipped),
         "eps": eps,
-        "certified": float(np.mean(result["certified"])),
+        "robust": float(np.mean(result["robust"])),
         "out": path,
     }
     line = (
         f"certify {model.info['family']} step {model.info['step']} ({model.info['threat_model']}, "
-        f"eps {eps:.5f}): "
-        f"{len(rows)} images, {summary['certified']:.4f} certified"
+        f"eps {eps:.5f}): {len(rows)} images, {summary['robust']:.4f} robust (prediction provably unchanged "
+        "within eps)"
     )
     if labels is not None:
         summary["accuracy"] = float(np.mean(result["correct"]))
-        summary["certified_accuracy"] = float(np.mean(result["correct"] & result["certified"]))
+        summary["certified_accuracy"] = float(np.mean(result["certified"]))
         line += (
-            f", accuracy {summary['accuracy']:.4f}, certified accuracy {summary['certified_accuracy']:.4f}"
+            f", accuracy {summary['accuracy']:.4f}, certified accuracy {summary['certified_accuracy']:.4f} "
+            "(correct and robust)"
         )
     if data.skipped:
         line += f", {len(data.skipped)} unreadable skipped"

@@ -1,5 +1,6 @@
-"""The images a user gives to a trained model (certjax.restore, certjax.load_exported, --mode=certify):
-checked once, and float64 ones rounded to float32 with the rounding made part of the certificate.
+"""The inputs a user gives to a trained model (certjax.restore, certjax.load_exported, --mode=certify):
+images, eps and labels, checked once by the same functions for the API and the export, and float64 images
+rounded to float32 with the rounding made part of the certificate.
 
 The certifying forward takes uint8 or float32 images. A float64 image x64 is certified as the float32 image
 x32 it rounds to; the radius reported for x64 is the radius proved around x32 minus an upper bound of
@@ -9,6 +10,8 @@ certificate never claims more for the image the user gave. For a 32x32x3 image t
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -83,3 +86,60 @@ def float32_input(images: np.ndarray, threat_model: ThreatModel):
         return images, None
     rounded = images.astype(np.float32)
     return rounded, input_rounding_distance(images, rounded, threat_model)
+
+
+def as_eps(eps, default: float) -> float:
+    """The budget to certify at: `default` (the checkpoint's certify.eps) when eps is None.
+
+    Args:
+      eps: None or a number >= 0 in pixel units ([0, 1] scale, the family's l_p norm).
+      default: the checkpoint's eps.
+    Returns:
+      eps as a float; ValueError naming the fix for anything else.
+    """
+    if eps is None:
+        return float(default)
+    try:
+        if isinstance(eps, (str, bytes, bool, np.bool_)):
+            raise TypeError
+        eps = float(eps)
+    except (TypeError, ValueError):
+        raise ValueError(f"eps must be a number >= 0 (pixel units, e.g. 8/255), got {eps!r}") from None
+    if not (math.isfinite(eps) and eps >= 0.0):
+        raise ValueError(f"eps must be a finite number >= 0 (pixel units), got {eps}")
+    return eps
+
+
+def as_labels(labels, count: int, num_classes: int):
+    """A user's labels as int32 class indices, or None when none are given.
+
+    Args:
+      labels: None, or one integer class index per image (numpy, jax or a list), in [0, num_classes).
+      count: the number of images.
+      num_classes: the model's number of classes.
+    Returns:
+      None or an int32 array [count]; ValueError naming the fix for a wrong shape, a non-integer dtype (a
+      float label gets its own message) or a class outside [0, num_classes).
+    """
+    if labels is None:
+        return None
+    array = np.asarray(labels)
+    if array.shape != (count,):
+        raise ValueError(
+            f"labels must be one class index per image, shape ({count},); got shape {array.shape}"
+        )
+    if np.issubdtype(array.dtype, np.floating):
+        raise ValueError(
+            f"labels must be integer class indices, got dtype {array.dtype}: pass labels.astype(int) "
+            "(a float label is refused rather than rounded)"
+        )
+    if array.dtype == bool or not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(
+            f"labels must be integer class indices in [0, {num_classes}), got dtype {array.dtype}"
+        )
+    if array.size and (array.min() < 0 or array.max() >= num_classes):
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}) (the model's classes), got values from {array.min()} to "
+            f"{array.max()}"
+        )
+    return array.astype(np.int32)

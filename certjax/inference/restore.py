@@ -3,7 +3,7 @@
     import certjax
     model = certjax.restore("runs/lot_s", checkpoint="best")        # any family
     out = model.certify(images)           # uint8 [N, 32, 32, 3] in [0, 255] or float in [0, 1]
-    out["prediction"], out["radius"], out["certified"]               # + "correct" with labels=...
+    out["prediction"], out["radius"], out["robust"]       # + "correct", "certified" with labels=...
     logits = model.logits(images)
 
 `certify` runs exactly the code `launch.py --mode=evaluate` runs (`Certifier.certify_batches`: the same
@@ -11,13 +11,14 @@ jitted certifying forward, the same per-checkpoint bounds computed once at resto
 measured sigma for LOT, the rounding bounds), in batches of the checkpoint's `train.eval_batch_size` (the
 last one padded), so its numbers equal evaluation's bit for bit (tests/test_api.py).
 
+The fields and their meaning are certjax/inference/certificates.py's (the export returns the same):
 `radius` is the certified radius of the *predicted* class in pixel units ([0, 1] scale): no perturbation of
-l_p norm (the family's threat model) <= radius changes the prediction. `certified` = radius > eps (eps in
-pixel units, the checkpoint's `certify.eps` by default), or, for the l_inf families with
+l_p norm (the family's threat model) <= radius changes the prediction. `robust` = radius > eps (eps in pixel
+units, the checkpoint's `certify.eps` by default), or, for the l_inf families with
 `certify.method = both | ibp`, the interval-bound certificate of the predicted class at eps as evaluation
-computes it (then `certified_margin` and `certified_ibp` are returned as well). With labels, `correct` =
-prediction == label; a point counts for certified accuracy when correct and certified (evaluation's
-`certified`); evaluation's `radius` (of the true class) is radius on correct points and 0 on the others.
+computes it (then `robust_margin` and `robust_ibp` are returned as well). With labels, `correct` =
+prediction == label and `certified` = correct and robust (evaluation's `certified`: certified accuracy is its
+mean); `certified_radius` is evaluation's convention, radius on correct points and 0 on the others.
 
 A float64 image is certified as the float32 image it rounds to (certjax/inference/images.py): its `radius`
 is that image's radius minus their distance in the threat model's norm (rounded up), and its interval
@@ -34,8 +35,9 @@ import numpy as np
 
 from certjax.certify.certifier import pad_rows
 from certjax.certify.rounding import round_up_float32
-from certjax.certify.threat_models import get_threat_model, radius_after_input_rounding
-from certjax.inference.images import as_images, float32_input
+from certjax.certify.threat_models import get_threat_model
+from certjax.inference.certificates import NO_IMAGES, certify_outputs
+from certjax.inference.images import as_eps, as_images, as_labels, float32_input
 
 
 class CertifiedModel:
@@ -73,7 +75,7 @@ class CertifiedModel:
     def _run(self, images: np.ndarray, labels: np.ndarray, progress: bool) -> dict[str, np.ndarray]:
         n = len(images)
         if n == 0:
-            raise ValueError("no images to certify (an empty batch)")
+            raise ValueError(NO_IMAGES)
         batches = math.ceil(n / self.batch_size)
 
         def padded_batches():
@@ -100,49 +102,32 @@ class CertifiedModel:
         return {k: np.asarray(v)[:n] for k, v in results.items()}
 
     def certify(self, images, eps: float | None = None, labels=None, *, progress: bool = False) -> dict:
-        """{"prediction", "radius", "certified"} (+ "correct", "label" with labels) as numpy arrays [N].
+        """Certify images (the fields of certjax/inference/certificates.py, numpy arrays [N]).
 
-        eps: pixel units ([0, 1] scale, l_p of the family's threat model); default the checkpoint's.
-        progress: report progress on stderr (certjax/progress.py: a bar on a terminal, else a line every
-          ~30 s)."""
+        Args:
+          images: uint8 [N, H, W, C] in [0, 255] or float in [0, 1] (numpy or jax; one image [H, W, C] too).
+          eps: pixel units ([0, 1] scale, l_p of the family's threat model); default the checkpoint's.
+          labels: optional [N] integer classes; then `correct`, `certified` and `certified_radius` too.
+          progress: report progress on stderr (certjax/progress.py: a bar on a terminal, else a line
+            every ~30 s).
+        Returns:
+          {"prediction", "radius", "robust", ...}; bad input raises ValueError naming the fix.
+        """
         images, distance = float32_input(as_images(images, self._exp.image_shape), self._threat)
-        eps = self.info["eps"] if eps is None else float(eps)
-        if not eps >= 0.0 or not math.isfinite(eps):
-            raise ValueError(f"eps must be a finite number >= 0 (pixel units), got {eps}")
-        given = labels is not None
-        if given:
-            labels = np.asarray(labels)
-            if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
-                raise ValueError(f"labels must be integers of shape ({len(images)},), got {labels.shape}")
-            if labels.size and (labels.min() < 0 or labels.max() >= self.info["num_classes"]):
-                raise ValueError(f"labels must lie in [0, {self.info['num_classes']})")
-            labels = labels.astype(np.int32)
-        else:
-            labels = np.zeros(len(images), np.int32)  # any class: only prediction_radius is used below
-        results = self._run(images, labels, progress)
-        radius = results["prediction_radius"]
-        if distance is not None:  # float64 input: certified around its float32 rounding, minus the distance
-            radius = radius_after_input_rounding(radius, distance)
+        eps = as_eps(eps, self.info["eps"])
+        labels = as_labels(labels, len(images), self.info["num_classes"])
+        # any class when unlabelled: only the prediction and its radius are used below
+        results = self._run(images, np.zeros(len(images), np.int32) if labels is None else labels, progress)
         prediction = results["prediction"].astype(np.int32)
-        out = {
-            "prediction": prediction,
-            "radius": radius,
-            # the comparison certify_from_margins makes: float32 radius > eps rounded up to float32
-            "certified": radius > round_up_float32(eps),
-        }
-        method = self._exp.certify_method
-        if method != "margin":  # l_inf families: interval bounds at eps too, as evaluation certifies
-            out["certified_margin"] = out["certified"]
-            # float64 input: its eps box lies in the box of eps + its distance around the float32 image
-            box_eps = eps if distance is None else math.nextafter(eps + float(np.max(distance)), math.inf)
-            out["certified_ibp"] = self._ibp_certified(images, prediction, box_eps)
-            out["certified"] = (
-                out["certified_ibp"] if method == "ibp" else out["certified_margin"] | out["certified_ibp"]
-            )
-        if given:
-            out["label"] = labels
-            out["correct"] = results["correct"]
-        return out
+        return certify_outputs(
+            prediction,
+            results["prediction_radius"],
+            eps,
+            method=self._exp.certify_method,
+            interval_robust=lambda box_eps: self._ibp_certified(images, prediction, box_eps),
+            distance=distance,
+            labels=labels,
+        )
 
     def _ibp_certified(self, images, prediction, eps: float) -> np.ndarray:
         """Interval-bound certificates of the predicted class over the l_inf box of radius eps (pixel units),
