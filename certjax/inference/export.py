@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from certjax.inference.exported import FORMAT_VERSION, manifest_bytes, sha256_file
+from certjax.progress import tracked
 
 PLATFORMS = ("cpu", "cuda")
 IMAGE_DTYPES = ("uint8", "float32")
@@ -98,13 +99,14 @@ def export_model(model, out_dir: str, platforms=PLATFORMS) -> dict:
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(out_dir)}-")
     try:
-        for program, (function, extra_specs) in programs.items():
-            for dtype, name in names[program].items():
-                images = jax.ShapeDtypeStruct((batch, *exp.image_shape), jnp.dtype(dtype))
-                exporter = jax.export.export(jax.jit(function), platforms=tuple(platforms))
-                exported = exporter(weight_specs, images, *extra_specs)
-                with open(os.path.join(staging, name), "wb") as f:
-                    f.write(exported.serialize())
+        artifacts = [(p, dtype, name) for p in programs for dtype, name in names[p].items()]
+        for program, dtype, name in tracked(artifacts, "export", unit="programs"):
+            function, extra_specs = programs[program]  # one lowering per program and input dtype
+            images = jax.ShapeDtypeStruct((batch, *exp.image_shape), jnp.dtype(dtype))
+            exporter = jax.export.export(jax.jit(function), platforms=tuple(platforms))
+            exported = exporter(weight_specs, images, *extra_specs)
+            with open(os.path.join(staging, name), "wb") as f:
+                f.write(exported.serialize())
         np.savez(os.path.join(staging, "weights.npz"), *leaves)
         manifest = _manifest(model, staging, platforms, {p: names[p] for p in programs}, len(leaves))
         with open(os.path.join(staging, "manifest.json"), "wb") as f:
