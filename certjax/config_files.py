@@ -114,6 +114,7 @@ def family_listing(folder: Path) -> str:
     """`certjax list`: per family its file, what it is (the docstring's first line), its variants with
     their notes (the default marked) and the published figures."""
     relative = os.path.relpath(folder)
+    relative = str(folder) if relative.startswith("..") else relative  # the shorter, readable one
     lines = [
         f"Families in {relative}/ (use: certjax --config={relative}/<family>.py:<variant>[,<variant>...] "
         "--workdir=DIR; variants combine with commas):"
