@@ -340,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         report("config", error)
         return 2
+    except BrokenPipeError:  # `certjax list | head`: the reader left; no traceback for what it did not read
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     # absl's flags are parsed: app.run sets up its logging and runs the mode, then exits the process
     app.run(lambda _: run_mode(values), argv=argv[:1], flags_parser=lambda parsed: parsed)
     return 0

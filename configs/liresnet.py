@@ -1,5 +1,4 @@
-"""GloroNet = LiResNet, l_2 eps 36/255 (shared/RECIPES.md "GloroNet = LiResNet", the hu23 snapshot in
-klasleino/gloro).
+"""GloroNet = LiResNet, l_2 eps 36/255 (the recipe of the hu23 snapshot in klasleino/gloro).
 
   python launch.py --config=configs/liresnet.py:XS --workdir=runs/liresnet_xs        # L6W128
   python launch.py --config=configs/liresnet.py:L,cifar100 --workdir=runs/liresnet_l_c100

@@ -1,6 +1,5 @@
 """LiResNet++ with CHORD layers ("A Recipe for Improved Certifiable Robustness", Hu et al., ICLR 2024;
-hukkai/liresnet configs/cifar10.yaml, cifar100.yaml and train.py; shared/RECIPES.md "LiResNet++ with CHORD
-layers"), l_2 eps 36/255.
+hukkai/liresnet configs/cifar10.yaml, cifar100.yaml and train.py), l_2 eps 36/255.
 
   python launch.py --config=configs/liresnet_pp.py --workdir=runs/liresnet_pp \\
       --config.data.generated=/data/cifar10_edm_5m.npz                     # the paper's CIFAR-10 run

@@ -1,4 +1,4 @@
-"""SortNet (shared/RECIPES.md): depth 6, width 5120, q 0.85, 3000 epochs, batch 512, eps 8/255.
+"""SortNet (recipe of zbh2047/SortNet): depth 6, width 5120, q 0.85, 3000 epochs, batch 512, eps 8/255.
 
   python launch.py --config=configs/sortnet.py --workdir=runs/sortnet                 # dropout (original)
   python launch.py --config=configs/sortnet.py:nodropout --workdir=runs/sortnet_exact  # seed's w/o dropout
