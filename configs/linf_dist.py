@@ -1,4 +1,4 @@
-"""l_inf-dist Net (recipes of zbh2047/L_inf-dist-net and -v2): depth 6, width 5120, 800 epochs, batch 512, eps 8/255.
+"""l_inf-dist Net (zbh2047/L_inf-dist-net and -v2): depth 6, width 5120, 800 epochs, batch 512, eps 8/255.
 
   python launch.py --config=configs/linf_dist.py --workdir=runs/linf_dist          # v2 (the default)
   python launch.py --config=configs/linf_dist.py:v1 --workdir=runs/linf_dist_v1    # ICML'21 recipe

@@ -1,4 +1,4 @@
-"""LOT (recipe of AI-secure/Layerwise-Orthogonal-Training): LipConvNet-10/20/40 with LOT layers, l_2 eps 36/255.
+"""LOT (AI-secure/Layerwise-Orthogonal-Training): LipConvNet-10/20/40 with LOT layers, l_2 eps 36/255.
 
   python launch.py --config=configs/lot.py:S --workdir=runs/lot_s               # LipConvNet-10, multistep
   python launch.py --config=configs/lot.py:M,cosine --workdir=runs/lot_m_cos    # LipConvNet-20, cosine
