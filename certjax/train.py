@@ -198,6 +198,8 @@ def _start(workdir: str, exp: Experiment, manager) -> TrainState:
         f"batch={config.train.batch_size} "
         f"(real {exp.batches.num_real} + generated {exp.batches.num_generated}) "
         f"devices={jax.device_count()} processes={jax.process_count()}"
+        # the first step waits for the compilation: say so, on this line (the demo fits on one screen)
+        + ("; compiling the train step ..." if int(state.step) < exp.total_steps else "")
     )
     return state
 
@@ -229,8 +231,6 @@ def _train_loop(workdir: str, trainer: Trainer, manager) -> TrainState:
     train_metrics, window = None, _Window(start_step)
     batches = exp.batches.iterate(start_step, total, threads=config.data.reader_threads)
     counter = None  # this epoch's Progress (certjax/progress.py)
-    if start_step < total:
-        console("compiling the train step (the first step waits for it) ...")
     for step in range(start_step, total):
         if counter is None:
             counter = Progress(f"epoch {step // spe + 1}", min(spe - step % spe, total - step), "steps")
