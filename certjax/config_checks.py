@@ -17,7 +17,9 @@ from collections.abc import Iterable
 import ml_collections
 
 # Keys the code reads with .get() that a family's get_config may leave out (see evaluate.radii_of).
-OPTIONAL_KEYS = frozenset({"certify.radii", "optimizer.lookahead", "optimizer.momentum_decay"})
+OPTIONAL_KEYS = frozenset(
+    {"certify.radii", "certify.bound_method", "optimizer.lookahead", "optimizer.momentum_decay"}
+)
 SUBSET_MODES = ("first", "random")  # data.real_subset_mode: certjax.data.sources.subset_indices
 LOOKAHEAD_KEYS = ("alpha", "k", "sync_every_epoch", "enabled")  # what certjax.optim.make_optimizer reads
 
@@ -310,6 +312,10 @@ def certify_errors(config, family) -> list[str]:
     )
     radii = config.certify.get("radii", None) or ()
     errors.need(all(r >= 0 for r in radii), "certify.radii", f"{tuple(radii)}; radii must be >= 0")
+    if "bound_method" in config.certify:
+        from certjax.certify.spectral import BOUND_METHODS
+
+        errors.one_of("certify.bound_method", BOUND_METHODS)
     if family is not None:
         try:
             certify_method(config, family)

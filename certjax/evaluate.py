@@ -169,6 +169,8 @@ def results_record(exp, which: str, info, results: dict, train_eval: dict, bound
         "train_accuracy_last_epoch": float(info.metrics.get("train_accuracy", float("nan"))),
         "num_test": int(len(results["label"])),
         "certify_method": exp.certify_method,
+        # how the layers were bounded (certify.bound_method), for families with measured bounds
+        **({"bound_method": bounds_report["bound_method"]} if "bound_method" in bounds_report else {}),
         "certified_at": certified_accuracy_at(results["correct"], results["radius"], radii),
         **by_method_records(exp.certifier, results, radii),
         # Families with measured bounds (LOT, LiResNet): certified accuracy under the bound the architecture

@@ -300,7 +300,9 @@ def _end_epoch(trainer: Trainer, state, epoch_train, done: int, progress: str, w
     if evaluate_now and trainer.recalibrates_statistics:
         state = trainer.recalibrate(state)
     if evaluate_now:
-        test = exp.certifier.evaluate_source(state, exp.sources.test, config.train.eval_subset)
+        test = exp.certifier.evaluate_source(
+            state, exp.sources.test, config.train.eval_subset, during_training=True
+        )
         progress += (
             f" | test clean {test['clean_accuracy']:.4f} certified "
             f"{test['certified_accuracy']:.4f} (eps {config.certify.eps:.5f})"

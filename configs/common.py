@@ -67,6 +67,10 @@ def get_common() -> ml_collections.ConfigDict:
     # margin (Lipschitz margin) | ibp (interval bounds over the input box) | both (either proves it); the
     # l_inf families default to both (certjax.bounds), the l_2 ones have margins only
     config.certify.method = "margin"
+    # the l_2 families' guaranteed layer bounds at the final evaluation and --mode=evaluate (certjax/certify/
+    # spectral.py): exact (float64 SVDs) | fast (Cholesky certificates, ~5e-7 above exact); the evaluations
+    # during training always use fast
+    config.certify.bound_method = "exact"
 
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_epochs = 10

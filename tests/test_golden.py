@@ -91,6 +91,17 @@ def recorded_export_names(out: dict) -> dict:
     return names
 
 
+LATER_FIELDS = ("bound_method",)  # fields added after 8811d5e (issue 23: the record names the bound method)
+
+
+def without_later_fields(values: dict) -> dict:
+    """values without LATER_FIELDS, at its top level and in its "lipschitz" report: what 8811d5e recorded."""
+    values = {k: v for k, v in values.items() if k not in LATER_FIELDS}
+    if isinstance(values.get("lipschitz"), dict):
+        values["lipschitz"] = {k: v for k, v in values["lipschitz"].items() if k not in LATER_FIELDS}
+    return values
+
+
 def evaluate_record(workdir: Path) -> tuple[dict, dict]:
     """`evaluate_checkpoint` on workdir (written to: pass a copy): every array of its radii file and its
     results record without the wall-clock time and the absolute radii path."""
@@ -100,7 +111,7 @@ def evaluate_record(workdir: Path) -> tuple[dict, dict]:
     with np.load(record["radii_path"]) as radii:
         arrays = {f"radii/{RECORDED_RADII_NAMES.get(key, key)}": radii[key] for key in radii.files}
     values = {k: v for k, v in record.items() if k not in ("time", "radii_path")}
-    return arrays, {"record": _jsonable(values)}
+    return arrays, {"record": _jsonable(without_later_fields(values))}
 
 
 def _model_outputs(prefix: str, model, images, labels, recorded_names) -> dict[str, np.ndarray]:
@@ -134,7 +145,7 @@ def restore_model(workdir: Path):
 
 def api_outputs(model, images, labels) -> tuple[dict, dict]:
     """The restored model on the fixed images; its info without the workdir path."""
-    info = {k: v for k, v in model.info.items() if k != "workdir"}
+    info = without_later_fields({k: v for k, v in model.info.items() if k != "workdir"})
     arrays = _model_outputs("api", model, images, labels, lambda out: RECORDED_CERTIFY_NAMES)
     return arrays, {"api_info": _jsonable(info)}
 
@@ -149,7 +160,7 @@ def export_outputs(model, out_dir: Path, images, labels) -> tuple[dict, dict]:
     exported = certjax.load_exported(str(out_dir))
     keep = ("family", "variant", "threat_model", "eps", "mean", "std", "dataset", "num_classes",
             "input_shape", "batch_size", "pair_lipschitz", "lipschitz")  # fmt: skip
-    manifest = {k: exported.info[k] for k in keep}
+    manifest = without_later_fields({k: exported.info[k] for k in keep})
     arrays = _model_outputs("export", exported, images, labels, recorded_export_names)
     return arrays, {"export_manifest": _jsonable(manifest)}
 

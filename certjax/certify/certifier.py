@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from certjax.certify import interval as interval_bounds
+from certjax.certify import spectral
 from certjax.certify.rounding import normalisation_error_linf, round_up_float32
 from certjax.certify.threat_models import get_threat_model
 from certjax.models import certified_logits
@@ -58,6 +59,7 @@ class Certifier:
         self.eval_step = jax.jit(self._eval_step, out_shardings=experiment.replicated)
         self.ibp_step = jax.jit(self._ibp_step, out_shardings=experiment.replicated)
         self.last_bounds_report: dict = {}
+        self._bounds_cache = None  # (key, the keyed objects, bounds) of the last certificate_bounds call
 
     # -- steps
 
@@ -91,11 +93,34 @@ class Certifier:
         (radius 0 is clean accuracy)."""
         return sorted({float(self.config.certify.eps)} | {r for r in radii_of(self.config) if r > 0})
 
-    def certificate_bounds(self, params, model_state) -> dict:
+    @property
+    def bound_method(self) -> str:
+        """certify.bound_method: how the final evaluation bounds every layer (spectral.BOUND_METHODS)."""
+        return self.config.certify.get("bound_method", "exact")
+
+    def certificate_bounds(self, params, model_state, bound_method=None, assumed: bool = True) -> dict:
         """The family's per-checkpoint bounds (cached evaluation variables, pair Lipschitz constants), or the
-        defaults of a family without the hook (nothing cached, the threat model's constant bound)."""
+        defaults of a family without the hook (nothing cached, the threat model's constant bound).
+
+        Computed once per checkpoint: the last call's result is kept for the same params and model state
+        (the final evaluation certifies the test and the training images of one checkpoint).
+
+        Args:
+          params, model_state: the checkpoint's.
+          bound_method: certify.bound_method when None (the evaluations during training pass "fast").
+          assumed: whether the family computes its assumed figure (skipped during training: not reported).
+        """
+        method = bound_method or self.bound_method
+        key = (id(params), id(model_state), method, assumed)
+        if self._bounds_cache is not None and self._bounds_cache[0] == key:
+            return self._bounds_cache[2]
         variables = {"params": params, **model_state}
-        return self.exp.family.certificate_bounds(self.exp.model, variables, (1, *self.exp.image_shape))
+        bounds = self.exp.family.certificate_bounds(
+            self.exp.model, variables, (1, *self.exp.image_shape), bound_method=method, assumed=assumed
+        )
+        # the objects themselves are kept so that their ids cannot be reused by other arrays
+        self._bounds_cache = (key, (params, model_state), bounds)
+        return bounds
 
     # -- the certify loop
 
@@ -179,16 +204,24 @@ class Certifier:
         else:
             result["certified"] = result["certified_margin"] | result["certified_ibp"]
 
-    def evaluate_source(self, state, source, limit: int = 0, what: str = "evaluate") -> dict[str, float]:
+    def evaluate_source(
+        self, state, source, limit: int = 0, what: str = "evaluate", during_training: bool = False
+    ) -> dict[str, float]:
         """Clean and certified accuracy of `state` on (the first `limit` of) a source, at certify.eps;
-        `what` names the work in progress reports."""
+        `what` names the work in progress reports. during_training: bound every layer by
+        spectral.TRAINING_BOUND_METHOD and skip the assumed figure (not reported per epoch)."""
         from certjax.data import pipeline
 
         batch_size = self.config.train.eval_batch_size
         batches = pipeline.eval_batches(source, batch_size, limit, seed=self.config.seed)
         count = min(limit or len(source), len(source))
+        bounds = None
+        if during_training:
+            bounds = self.certificate_bounds(
+                state.params, state.model_state, spectral.TRAINING_BOUND_METHOD, assumed=False
+            )
         results = self.certify_batches(
-            state.params, state.model_state, batches, what=what, total=-(-count // batch_size)
+            state.params, state.model_state, batches, bounds, what=what, total=-(-count // batch_size)
         )
         return {
             "clean_accuracy": float(results["correct"].mean()),

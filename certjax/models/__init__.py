@@ -26,10 +26,10 @@ __all__ = ["FAMILIES", "Family", "ModelOutput", "certified_logits", "get_family"
 THREAT_MODELS = ("linf", "l2")
 
 
-def no_certificate_bounds(model, variables, image_shape) -> dict:
+def no_certificate_bounds(model, variables, image_shape, **options) -> dict:
     """The bounds of a family without measured ones: nothing cached for evaluation, no pair Lipschitz
     matrix (the threat model's constant bound: 2 for 1-Lipschitz l_inf logits), nothing to report."""
-    del model, variables, image_shape
+    del model, variables, image_shape, options
     return {"variables": {}, "pair_lipschitz": None, "assumed_pair_lipschitz": None, "report": {}}
 
 
@@ -49,12 +49,15 @@ class Family:
       threat_model: "linf" or "l2": the norm its certificates are in (certjax.certify.margins.THREAT_MODELS).
       build: `build(model_config, num_classes) -> flax.linen.Module` whose
         `apply(variables, images, p, *, train=False, interval=None, certify=False)` returns a `ModelOutput`.
-      certificate_bounds: `certificate_bounds(model, variables, image_shape) -> dict` with "variables" (extra
+      certificate_bounds: `certificate_bounds(model, variables, image_shape, *, bound_method="exact",
+        assumed=True) -> dict` with "variables" (extra
         collections for evaluation), "pair_lipschitz" ([C, C] guaranteed Lipschitz bound of every margin, or
         None for the threat model's constant), "assumed_pair_lipschitz" (the bound the architecture
         promises, or None), "report" (measured figures) and optionally "input_error_gain" (how much the
         network can amplify an error of its normalised input; 1 when absent). image_shape is the batch
-        shape (1, H, W, C) of the dataset's images. Default: `no_certificate_bounds`.
+        shape (1, H, W, C) of the dataset's images; bound_method names the guaranteed bound of every layer
+        (certjax.certify.spectral.BOUND_METHODS) and the report says which ("bound_method"); assumed=False
+        may skip the assumed figure (None). Default: `no_certificate_bounds`.
       interval_bounds: whether `apply(..., interval=Interval(lower, upper))` also returns interval bounds of
         the logits (`ModelOutput.logit_bounds`), for IBP certification and training
         (certjax.certify.interval).

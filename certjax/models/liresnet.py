@@ -63,7 +63,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from certjax.certify.margins import pair_lipschitz_matrix
-from certjax.certify.norms import conv_norm_bound, pairwise_row_distances
+from certjax.certify import spectral
+from certjax.certify.norms import pairwise_row_distances
 from certjax.certify.rounding import round_up_float32_array
 from certjax.models import Family, ModelOutput
 from certjax.models.common.layers import (
@@ -214,10 +215,14 @@ def layer_geometry(model: LiResNet) -> dict[str, tuple[int, int, int] | None]:
     return geometry
 
 
-def certificate_bounds(model: LiResNet, variables, image_shape) -> dict:
+def certificate_bounds(
+    model: LiResNet, variables, image_shape, *, bound_method: str = "exact", assumed: bool = True
+) -> dict:
     """Guaranteed and power-iteration margin bounds of a checkpoint.
 
-    image_shape: the batch shape (1, H, W, C) of the dataset's images.
+    image_shape: the batch shape (1, H, W, C) of the dataset's images. bound_method: how every layer is
+    bounded (certjax.certify.spectral.BOUND_METHODS). assumed=False skips the 500 power iterations of the
+    assumed figure (assumed_pair_lipschitz None): the evaluations during training do not report it.
 
     Returns variables ({"liresnet_frozen": kernels as applied + guaranteed sigmas}), pair_lipschitz [C, C]
     (guaranteed: prod of the layers' FFT/SVD bounds times ||w_p - w_i|| of the normalised head rows as
@@ -231,20 +236,20 @@ def certificate_bounds(model: LiResNet, variables, image_shape) -> dict:
     vectors = variables.get(POWER)
     if vectors is None:
         raise ValueError(f"certificate_bounds needs the {POWER!r} collection of the checkpoint")
-    sigmas = {}
+    method, sigmas = spectral.bound_method(bound_method), {}
     for name, geometry in layer_geometry(model).items():
         kernel = np.asarray(frozen[name]["kernel"], np.float64)
         if geometry is None:
-            sigma = float(np.linalg.svd(kernel, compute_uv=False)[0])
+            sigma = method.dense(kernel)
         else:
             k, stride, padding = geometry
-            sigma = conv_norm_bound(kernel, stride, padding, int(vectors[name]["u"].shape[1]))
+            sigma = method.conv(kernel, stride, padding, int(vectors[name]["u"].shape[1]))
         sigmas[name] = sigma * BOUND_SAFETY
         frozen[name]["sigma_bound"] = jnp.asarray(round_up_float32_array(sigmas[name]))
     guaranteed = float(np.prod(list(sigmas.values())))
     stored = power_estimates(model, variables, input_shape, 0)
-    converged = power_estimates(model, variables, input_shape, model.eval_iterations)
-    power = float(np.prod(list(converged.values())))
+    converged = power_estimates(model, variables, input_shape, model.eval_iterations) if assumed else {}
+    power = float(np.prod(list(converged.values()))) if assumed else float("nan")
 
     # The head normalises its rows in float32 inside the jitted forward; the rows computed here may differ in
     # the last bits (fusion order), by < 8 ulps of a unit row: + 1e-6 covers it.
@@ -253,9 +258,10 @@ def certificate_bounds(model: LiResNet, variables, image_shape) -> dict:
     return {
         "variables": {FROZEN: frozen},
         "pair_lipschitz": pair_lipschitz_matrix(guaranteed * distances),
-        "assumed_pair_lipschitz": pair_lipschitz_matrix(power * distances),
+        "assumed_pair_lipschitz": pair_lipschitz_matrix(power * distances) if assumed else None,
         "input_error_gain": float(round_up_float32_array(guaranteed)),
         "report": {
+            "bound_method": bound_method,
             "lipschitz_body_measured": guaranteed,
             "lipschitz_body_assumed": power,
             "lipschitz_body_training_estimate": float(np.prod(list(stored.values()))),

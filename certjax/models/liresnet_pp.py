@@ -28,9 +28,9 @@ in training). The margin bound of the EMMA losses is K ||w_i - w_j|| with the no
 
 Evaluation (`certificate_bounds`) uses guaranteed bounds only, in float64 numpy, of every layer AS APPLIED:
 the FFT/SVD bound of every conv (`certjax.certify.norms.conv_norm_bound`: stem and blocks; the 4x4/4 neck
-conv reads
-disjoint patches and its bound is the exact SVD of its patch matrix), and the exact SVD of every Cholesky-
-orthogonalised dense weight: in float32 they are not exactly 1 (never assumed). The orthogonalised and merged
+conv reads disjoint patches and its bound is the exact SVD of its patch matrix), and the exact SVD of every
+Cholesky-orthogonalised dense weight (certify.bound_method "exact"; "fast": the same operators bounded by
+the Cholesky certificates of certjax/certify/spectral.py): in float32 they are not exactly 1 (never assumed). The orthogonalised and merged
 weights are computed once and frozen in the "liresnet_frozen" collection, so evaluation applies exactly the
 arrays that were bounded. The running-mean shift is part of the bias (no Lipschitz effect). The certifying
 forward runs the body in float64 with liresnet's per-layer rounding allowance. The "assumed" bound is the
@@ -49,7 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from certjax.certify.margins import pair_lipschitz_matrix
-from certjax.certify.norms import conv_norm_bound, pairwise_row_distances
+from certjax.certify import spectral
+from certjax.certify.norms import pairwise_row_distances
 from certjax.certify.rounding import round_up_float32_array
 from certjax.models import Family, ModelOutput
 from certjax.models.common.cholesky import cholesky_orthogonalize
@@ -313,8 +314,11 @@ def layer_geometry(model: LiResNetPP, input_side: int) -> dict[str, tuple[int, i
     return geometry
 
 
-def certificate_bounds(model: LiResNetPP, variables, image_shape) -> dict:
-    """Guaranteed and assumed margin bounds of a checkpoint (the fields of liresnet.certificate_bounds).
+def certificate_bounds(
+    model: LiResNetPP, variables, image_shape, *, bound_method: str = "exact", assumed: bool = True
+) -> dict:
+    """Guaranteed and assumed margin bounds of a checkpoint (the fields and arguments of
+    liresnet.certificate_bounds).
 
     Returns variables ({"liresnet_frozen": weights as applied + guaranteed sigmas}), pair_lipschitz [C, C]
     (guaranteed: the product of every layer's float64 FFT/SVD bound times ||w_p - w_i|| of the normalised
@@ -329,23 +333,23 @@ def certificate_bounds(model: LiResNetPP, variables, image_shape) -> dict:
             f"certificate_bounds needs the {POWER!r} and {STATS!r} collections of the checkpoint"
         )
     frozen = flax.core.unfreeze(computed_collection(model, variables, input_shape, FROZEN))
-    sigmas, cholesky = {}, {}
+    method, sigmas, cholesky = spectral.bound_method(bound_method), {}, {}
     for name, geometry in layer_geometry(model, input_shape[1]).items():
         kernel = np.asarray(frozen[name]["kernel"], np.float64)
         if geometry is None:
-            sigma = float(np.linalg.svd(kernel, compute_uv=False)[0])
+            sigma = method.dense(kernel)
         else:
             k, stride, padding, side = geometry
-            sigma = conv_norm_bound(kernel, stride, padding, side)
+            sigma = method.conv(kernel, stride, padding, side)
         if name == "neck_conv" or geometry is None:
             cholesky[name] = sigma  # exact for these (disjoint patches / a matrix)
         sigmas[name] = sigma * BOUND_SAFETY
         frozen[name]["sigma_bound"] = jnp.asarray(round_up_float32_array(sigmas[name]))
     guaranteed = float(np.prod(list(sigmas.values())))
     stored = power_estimates(model, variables, input_shape, 0)
-    converged = power_estimates(model, variables, input_shape, model.eval_iterations)
+    converged = power_estimates(model, variables, input_shape, model.eval_iterations) if assumed else {}
     cholesky_product = float(np.prod(list(cholesky.values())))
-    power = float(np.prod(list(converged.values()))) * cholesky_product
+    power = float(np.prod(list(converged.values()))) * cholesky_product if assumed else float("nan")
 
     # as liresnet.certificate_bounds: rows normalised in float32 may differ by a few ulps from the forward's
     rows = np.asarray(normalized_rows(jnp.asarray(variables["params"]["head"]["kernel"])), np.float64)
@@ -353,9 +357,10 @@ def certificate_bounds(model: LiResNetPP, variables, image_shape) -> dict:
     return {
         "variables": {FROZEN: frozen},
         "pair_lipschitz": pair_lipschitz_matrix(guaranteed * distances),
-        "assumed_pair_lipschitz": pair_lipschitz_matrix(power * distances),
+        "assumed_pair_lipschitz": pair_lipschitz_matrix(power * distances) if assumed else None,
         "input_error_gain": float(round_up_float32_array(guaranteed)),
         "report": {
+            "bound_method": bound_method,
             "lipschitz_body_measured": guaranteed,
             "lipschitz_body_assumed": power,
             # training's K: the stored power-iteration vectors, the Cholesky layers taken as 1

@@ -40,11 +40,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from certjax.certify import spectral
 from certjax.certify.margins import pair_lipschitz_matrix
 from certjax.certify.norms import (
     SVD_SAFETY,
     l2_norm_per_example,
-    largest_singular_value,
     pairwise_row_distances,
 )
 from certjax.certify.rounding import FLOAT32_SPACING_AT_ONE, round_up_float32_array
@@ -240,10 +240,14 @@ def build(model_config, num_classes: int) -> nn.Module:
 # ------------------------------------------------------------------------------------------- certification
 
 
-def certificate_bounds(model: LipConvNet, variables, image_shape) -> dict:
+def certificate_bounds(
+    model: LipConvNet, variables, image_shape, *, bound_method: str = "exact", assumed: bool = True
+) -> dict:
     """Cached orthogonalised weights and the l_2 margin bounds of a checkpoint.
 
     image_shape: the batch shape (1, H, W, C) of the dataset's images (the layers' frequency grids).
+    bound_method: how every layer's blocks are bounded (certjax.certify.spectral.BOUND_METHODS); assumed:
+    unused (the assumed bound is a constant here).
 
     Returns variables ({"lot_frozen": ...} for evaluation), pair_lipschitz [C, C] (the measured bound of
     z_y - z_j: prod of every body layer's exact sigma_max times ||w_y - w_j|| of the last layer as applied,
@@ -253,7 +257,8 @@ def certificate_bounds(model: LipConvNet, variables, image_shape) -> dict:
     variables = {name: value for name, value in variables.items() if name != FROZEN}
     frozen = flax.core.unfreeze(computed_collection(model, variables, tuple(image_shape), FROZEN))
     flat = flax.traverse_util.flatten_dict(frozen)
-    sigmas, last_rows = {}, None
+    del assumed
+    method, sigmas, last_rows = spectral.bound_method(bound_method), {}, None
     for path, w in sorted(flat.items()):
         layer = path[-2]
         if layer == "last":
@@ -262,7 +267,7 @@ def certificate_bounds(model: LipConvNet, variables, image_shape) -> dict:
             # On a 1x1 grid irfft2 keeps the real part: the applied matrix is Re W'(0).
             last_rows = np.real(np.asarray(w[0, 0])).astype(np.float64)
         else:
-            sigmas[layer] = largest_singular_value(w)
+            sigmas[layer] = method.stack(w)
     if model.lln:
         # The rows as applied (float32, normalised in float32): bound with their own exact distances.
         last_rows = np.asarray(
@@ -287,6 +292,7 @@ def certificate_bounds(model: LipConvNet, variables, image_shape) -> dict:
         # an error of the normalised input moves every logit by at most body x the largest row norm
         "input_error_gain": float(round_up_float32_array(body * row_norm)),
         "report": {
+            "bound_method": bound_method,
             "lipschitz_body_measured": body,
             "lipschitz_body_assumed": 1.0,
             "layer_sigma_max": sigmas,
