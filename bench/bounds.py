@@ -1,4 +1,4 @@
-"""The cost of the guaranteed layer bounds at the paper's sizes, per layer kind and per family, by bound method.
+"""The cost of the guaranteed layer bounds at the paper's sizes, per layer kind and family, by bound method.
 
 For LiResNet-L (L18W256, configs/liresnet.py), LiResNet++ (configs/liresnet_pp.py) and LOT-L
 (configs/lot.py), on freshly initialised weights (the bounds' cost does not depend on training):
@@ -75,12 +75,14 @@ def layer_kinds(family: str, model, variables):
     if geometry is None:
         side = {"stem": 32}
         geometry = {
-            name: (None if g is None else (*g, side.get(name, 16))) for name, g in module.layer_geometry(model).items()
+            name: (None if g is None else (*g, side.get(name, 16)))
+            for name, g in module.layer_geometry(model).items()
         }
     kinds = {}
     for name, g in geometry.items():
         kernel = np.asarray(frozen[name]["kernel"], np.float64)
-        kind = f"{name.rstrip('0123456789')} {'conv %dx%d/%d on %d' % (g[0], g[0], g[1], g[3]) if g else 'dense'} {kernel.shape}"
+        what = f"conv {g[0]}x{g[0]}/{g[1]} on {g[3]}" if g else "dense"
+        kind = f"{name.rstrip('0123456789')} {what} {kernel.shape}"
         if kind in kinds:
             kinds[kind][0] += 1
             continue
@@ -120,7 +122,8 @@ def bench_family(family: str, full: bool) -> None:
         exact, fast = figures["exact"], figures["fast"]
         print(
             f"  {count:3d} x {kind:42s} exact {exact[0]:7.2f} s  fast {fast[0]:6.2f} s"
-            f"  ({exact[0] / fast[0]:5.1f}x; sigma {exact[1]:.7f} -> {fast[1]:.7f}, +{fast[1] / exact[1] - 1:.1e})"
+            f"  ({exact[0] / fast[0]:5.1f}x; sigma {exact[1]:.7f} -> {fast[1]:.7f},"
+            f" +{fast[1] / exact[1] - 1:.1e})"
         )
     if family != "lot":
         power_estimates(model, variables, SHAPE, PROBE_ITERATIONS)  # compiles
@@ -133,6 +136,7 @@ def bench_family(family: str, full: bool) -> None:
     for name, total in totals.items():
         print(f"  layer bounds, {name:5s}: {total:8.1f} s; with the assumed figure {total + power:8.1f} s")
     module = importlib.import_module(f"certjax.models.{family}")
+
     def in_training():
         return module.certificate_bounds(model, variables, SHAPE, bound_method="fast", assumed=False)
 
@@ -144,14 +148,20 @@ def bench_family(family: str, full: bool) -> None:
           f"  -> {(totals['exact'] + power) / training:5.1f}x")  # fmt: skip
     if full:
         for name, _ in _methods():
-            whole, _ = seconds(lambda n=name: module.certificate_bounds(model, variables, SHAPE, bound_method=n))
+            whole, _ = seconds(
+                lambda n=name: module.certificate_bounds(model, variables, SHAPE, bound_method=n)
+            )
             print(f"  certificate_bounds, {name} with the assumed figure (measured whole): {whole:8.1f} s")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--families", nargs="+", default=["liresnet_pp"], choices=["liresnet_pp", "liresnet", "lot"])
-    parser.add_argument("--full", action="store_true", help="also time the whole certificate_bounds per method")
+    parser.add_argument(
+        "--families", nargs="+", default=["liresnet_pp"], choices=["liresnet_pp", "liresnet", "lot"]
+    )
+    parser.add_argument(
+        "--full", action="store_true", help="also time the whole certificate_bounds per method"
+    )
     parser.add_argument(
         "--epoch", type=int, default=0, metavar="BATCH",
         help="also time LiResNet++'s paper-size train step at this batch and scale it to one epoch",
@@ -167,13 +177,15 @@ def main() -> None:
 def epoch_seconds(batch: int, repeats: int = 2) -> None:
     """LiResNet++'s paper-size train step (its recipe: 25 % real rows) at `batch`, scaled to one epoch of
     the recipe (one pass of the 50,000 real images, 256 real + 768 generated per step): what the evaluation
-    every 5 epochs is compared with. Per-image cost is taken as constant (a smaller batch than 1024 on CPU)."""
+    every 5 epochs is compared with. The per-image cost is taken as constant (a batch below 1024 on CPU)."""
     from timing import time_train_steps, train_step_timer
 
     from certjax.data.pipeline import real_count
 
     config = importlib.import_module("configs.liresnet_pp").get_config("cifar10")
-    step, state, data, schedule = train_step_timer(config, batch, real_count(batch, config.data.real_fraction))
+    step, state, data, schedule = train_step_timer(
+        config, batch, real_count(batch, config.data.real_fraction)
+    )
     per_step = time_train_steps(step, state, data, schedule, repeats)
     steps = -(-50_000 // 256)
     epoch = per_step * 1024 / batch * steps

@@ -12,6 +12,7 @@ import pytest
 import scipy.linalg.lapack as lapack
 
 from certjax.certify import norms, spectral
+from certjax.certify.certificate import cholesky_bound
 from certjax.certify.rounding import FLOAT64_UNIT_ROUNDOFF, gamma
 
 RNG = np.random.default_rng(23)
@@ -41,7 +42,13 @@ def _conv_kernel(kind: str, k=3, cin=12, cout=12):
 
 
 KINDS = ["random", "near_identity", "repeated_top", "nearly_repeated_top", "rank_deficient", "tiny", "huge"]
-GEOMETRIES = [(3, 1, 1, 8), (3, 1, 1, 7), (5, 2, 2, 8), (4, 4, 0, 8), (3, 2, 1, 8)]  # k, stride, padding, side
+GEOMETRIES = [
+    (3, 1, 1, 8),
+    (3, 1, 1, 7),
+    (5, 2, 2, 8),
+    (4, 4, 0, 8),
+    (3, 2, 1, 8),
+]  # k, stride, padding, side
 
 
 def _check(fast: float, exact: float) -> None:
@@ -51,7 +58,7 @@ def _check(fast: float, exact: float) -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "k%d_s%d_p%d_n%d" % g)
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "k{}_s{}_p{}_n{}".format(*g))
 def test_fast_conv_bound_is_above_the_exact_svd_and_within_the_tolerance(kind, geometry):
     k, stride, padding, side = geometry
     kernel = _conv_kernel(kind, k=k, cin=6 if stride > 1 else 12, cout=12)
@@ -81,9 +88,9 @@ def test_the_certificate_refuses_a_shift_below_the_largest_eigenvalue():
     g = RNG.standard_normal((30, 20)) + 1j * RNG.standard_normal((30, 20))
     h = np.conj(g.T) @ g
     top = float(np.linalg.eigvalsh(h)[-1])
-    assert spectral.cholesky_bound(-h, top * (1 - 1e-6)) is None
-    assert spectral.cholesky_bound(-h, top * (1 - 1e-12)) is None or top * (1 - 1e-12) >= top - 1e-9 * top
-    bound = spectral.cholesky_bound(-h, top * (1 + 1e-6))
+    assert cholesky_bound(-h, top * (1 - 1e-6)) is None
+    assert cholesky_bound(-h, top * (1 - 1e-12)) is None or top * (1 - 1e-12) >= top - 1e-9 * top
+    bound = cholesky_bound(-h, top * (1 + 1e-6))
     assert bound is not None and top <= bound <= top * (1 + 2e-6)
 
 
@@ -117,17 +124,11 @@ def test_gram_rounding_allowance_covers_an_extended_precision_gram():
     kernel = _conv_kernel("near_identity", cin=16, cout=16)
     taps, positions, grid = spectral.conv_taps(kernel, 1, 1, 8)
     count, a, b = taps.shape
-    offsets = {}
-    for s in range(count):
-        for t in range(count):
-            d = ((positions[s][0] - positions[t][0]) % grid, (positions[s][1] - positions[t][1]) % grid)
-            offsets.setdefault(d, []).append((s, t))
-    keys = sorted(offsets)
-    c_d = np.stack([sum(taps[s] @ taps[t].T for s, t in offsets[d]) for d in keys])
+    offset_grams, pairs = spectral._offset_grams(taps, positions, grid)  # as taps_sigma_bound forms them
+    keys = list(offset_grams)
     frequencies = spectral._frequencies(grid)
-    phase = (frequencies @ np.asarray(keys).T) % grid
-    phase = np.where(phase > grid // 2, phase - grid, phase)
-    grams = np.exp(-2j * np.pi * phase / grid) @ c_d.reshape(len(keys), -1).astype(np.complex128)
+    c_d = np.stack([offset_grams[d].reshape(-1) for d in keys]).astype(np.complex128)
+    grams = spectral._twiddles(frequencies, keys, grid) @ c_d
     wide_taps = taps.astype(np.longdouble)
     angle = (-2 * np.pi * (np.asarray(positions) @ frequencies.T % grid) / grid).astype(np.longdouble)
     twiddles = np.cos(angle) + 1j * np.sin(angle)  # [T, F] in long double
@@ -135,7 +136,7 @@ def test_gram_rounding_allowance_covers_an_extended_precision_gram():
     exact = blocks @ np.conj(np.swapaxes(blocks, 1, 2))
     worst = np.max(np.sqrt(np.sum(np.abs(grams.reshape(exact.shape) - exact) ** 2, axis=(1, 2))))
     kappa = (
-        2 * gamma(max(len(v) for v in offsets.values()) * (b + 1), np.float64)
+        2 * gamma(pairs * (b + 1), np.float64)
         + spectral.TWIDDLE_ERROR
         + 2 * gamma(2 * len(keys) + 2, np.float64)
     )
@@ -145,9 +146,8 @@ def test_gram_rounding_allowance_covers_an_extended_precision_gram():
 
 
 def test_config_check_names_the_bound_methods():
-    from configs.liresnet import get_config
-
     from certjax.config_checks import ConfigError, check_config
+    from configs.liresnet import get_config
 
     config = get_config("demo")
     config.certify.bound_method = "svd"

@@ -62,8 +62,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from certjax.certify.margins import pair_lipschitz_matrix
 from certjax.certify import spectral
+from certjax.certify.margins import pair_lipschitz_matrix
 from certjax.certify.norms import pairwise_row_distances
 from certjax.certify.rounding import round_up_float32_array
 from certjax.models import Family, ModelOutput

@@ -30,10 +30,11 @@ Evaluation (`certificate_bounds`) uses guaranteed bounds only, in float64 numpy,
 the FFT/SVD bound of every conv (`certjax.certify.norms.conv_norm_bound`: stem and blocks; the 4x4/4 neck
 conv reads disjoint patches and its bound is the exact SVD of its patch matrix), and the exact SVD of every
 Cholesky-orthogonalised dense weight (certify.bound_method "exact"; "fast": the same operators bounded by
-the Cholesky certificates of certjax/certify/spectral.py): in float32 they are not exactly 1 (never assumed). The orthogonalised and merged
-weights are computed once and frozen in the "liresnet_frozen" collection, so evaluation applies exactly the
-arrays that were bounded. The running-mean shift is part of the bias (no Lipschitz effect). The certifying
-forward runs the body in float64 with liresnet's per-layer rounding allowance. The "assumed" bound is the
+the Cholesky certificates of certjax/certify/spectral.py): in float32 they are not exactly 1 (never
+assumed). The orthogonalised and merged weights are computed once and frozen in the "liresnet_frozen"
+collection, so evaluation applies exactly the arrays that were bounded. The running-mean shift is part of
+the bias (no Lipschitz effect). The certifying forward runs the body in float64 with liresnet's per-layer
+rounding allowance. The "assumed" bound is the
 original's evaluation (model.py sub_lipschitz in eval mode): 500 power iterations for stem and blocks times
 the Cholesky layers' SVDs.
 """
@@ -48,8 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from certjax.certify.margins import pair_lipschitz_matrix
 from certjax.certify import spectral
+from certjax.certify.margins import pair_lipschitz_matrix
 from certjax.certify.norms import pairwise_row_distances
 from certjax.certify.rounding import round_up_float32_array
 from certjax.models import Family, ModelOutput
