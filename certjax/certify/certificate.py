@@ -51,12 +51,6 @@ def cholesky_bound(negated: np.ndarray, mu: float, in_place: bool = False) -> fl
     return (mu + rho + 2.0 * FLOAT64_UNIT_ROUNDOFF * float(np.max(diagonal))) * SCALAR_SLACK
 
 
-def hermitian_from_lower(negated: np.ndarray) -> np.ndarray:
-    """The Hermitian matrix H whose lower triangle is that of -negated (the matrix the certificate bounds)."""
-    lower = -np.tril(negated)
-    return lower + np.conj(np.swapaxes(np.tril(lower, -1), -1, -2))
-
-
 def lanczos_top(matvec, start: np.ndarray, steps: int) -> np.ndarray:
     """The largest Ritz value after `steps` Lanczos steps, per operator of a batch (an estimate from below of
     lambda_max; no proof rests on it).
@@ -93,12 +87,10 @@ def start_vectors(count: int, n: int, dtype) -> np.ndarray:
 
 
 def refined_shift(negated: np.ndarray) -> float | None:
-    """mu to try first for the block of the highest estimate: REFINED_STEPS Lanczos steps on it, times
-    1 + 10 DELTA (None if not positive)."""
-    matrix = hermitian_from_lower(negated)
-    top = float(
-        lanczos_top(lambda v: v @ matrix.T, start_vectors(1, len(matrix), matrix.dtype), REFINED_STEPS)[0]
-    )
+    """mu to try first for the block of the highest estimate: REFINED_STEPS Lanczos steps on it (the whole
+    Hermitian -negated, both triangles), times 1 + 10 DELTA (None if not positive)."""
+    start = start_vectors(1, len(negated), negated.dtype)
+    top = float(lanczos_top(lambda v: -(v @ negated.T), start, REFINED_STEPS)[0])
     return top * (1.0 + 10 * DELTA) if top > 0 else None
 
 
