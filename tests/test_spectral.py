@@ -124,7 +124,9 @@ def test_gram_rounding_allowance_covers_an_extended_precision_gram():
     kernel = _conv_kernel("near_identity", cin=16, cout=16)
     taps, positions, grid = spectral.conv_taps(kernel, 1, 1, 8)
     count, a, b = taps.shape
-    offset_grams, pairs = spectral._offset_grams(taps, positions, grid)  # as taps_sigma_bound forms them
+    offset_grams, pairs = spectral._offset_grams(
+        taps, positions, grid, False
+    )  # as taps_sigma_bound forms them
     keys = list(offset_grams)
     frequencies = spectral._frequencies(grid)
     c_d = np.stack([offset_grams[d].reshape(-1) for d in keys]).astype(np.complex128)
