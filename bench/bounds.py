@@ -157,7 +157,7 @@ def bench_family(family: str, full: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--families", nargs="+", default=["liresnet_pp"], choices=["liresnet_pp", "liresnet", "lot"]
+        "--families", nargs="*", default=["liresnet_pp"], choices=["liresnet_pp", "liresnet", "lot"]
     )
     parser.add_argument(
         "--full", action="store_true", help="also time the whole certificate_bounds per method"
@@ -175,9 +175,11 @@ def main() -> None:
 
 
 def epoch_seconds(batch: int, repeats: int = 2) -> None:
-    """LiResNet++'s paper-size train step (its recipe: 25 % real rows) at `batch`, scaled to one epoch of
-    the recipe (one pass of the 50,000 real images, 256 real + 768 generated per step): what the evaluation
-    every 5 epochs is compared with. The per-image cost is taken as constant (a batch below 1024 on CPU)."""
+    """LiResNet++ at paper size: one epoch of its recipe (one pass of the 50,000 real images, 256 real + 768
+    generated per step: 196 steps of 1024) against one evaluation during training (the fast bounds and the
+    certifying forward of the 10,000 test images, certjax's Certifier). A step of 1024 images costs at least
+    a step of `batch` < 1024, so 196 steps at `batch` bound the epoch from below; the evaluation's forward is
+    timed on one batch of `batch` test images and scaled linearly."""
     from timing import time_train_steps, train_step_timer
 
     from certjax.data.pipeline import real_count
@@ -188,9 +190,28 @@ def epoch_seconds(batch: int, repeats: int = 2) -> None:
     )
     per_step = time_train_steps(step, state, data, schedule, repeats)
     steps = -(-50_000 // 256)
-    epoch = per_step * 1024 / batch * steps
-    print(f"\nliresnet_pp train step at batch {batch}: {per_step:.1f} s -> one epoch ({steps} steps of 1024)"
-          f" ~{epoch / 3600:.1f} h on this machine")  # fmt: skip
+    print(f"\nliresnet_pp train step at batch {batch}: {per_step:.1f} s; one epoch ({steps} steps of 1024)"
+          f" >= {steps * per_step / 60:.0f} min on this machine")  # fmt: skip
+    from certjax.experiment import Experiment
+
+    experiment = Experiment(config, data="test")
+    certifier, state = experiment.certifier, experiment.init_state()  # the train step donated its state
+    bounds_time, bounds = seconds(
+        lambda: certifier.certificate_bounds(state.params, state.model_state, "fast", assumed=False)
+    )
+    model_state = {**state.model_state, **bounds["variables"]}
+    images = experiment.global_batch(
+        {"image": np.zeros((batch, 32, 32, 3), np.uint8), "label": np.zeros((batch,), np.int32)}
+    )
+    gain = np.float32(bounds["input_error_gain"])
+    jax.block_until_ready(certifier.eval_step(state.params, model_state, images, gain))  # compiles
+    forward, _ = seconds(
+        lambda: jax.block_until_ready(certifier.eval_step(state.params, model_state, images, gain))
+    )
+    evaluation = bounds_time + forward * 10_000 / batch
+    print(f"one evaluation during training: bounds {bounds_time:.1f} s + certifying forward"
+          f" {forward:.1f} s per {batch} images -> {evaluation / 60:.1f} min for 10,000 test images"
+          f" ({evaluation / (steps * per_step):.2f} of the epoch's lower bound)")  # fmt: skip
 
 
 if __name__ == "__main__":
