@@ -122,7 +122,7 @@ def test_gram_rounding_allowance_covers_an_extended_precision_gram():
     """Point 1 of spectral.py: the Gram matrices of all frequencies, formed in float64 from C_d and the
     twiddles, differ from the long-double ones by at most kappa_H ||A||_F^2 (Frobenius, so also in norm)."""
     kernel = _conv_kernel("near_identity", cin=16, cout=16)
-    taps, positions, grid = spectral.conv_taps(kernel, 1, 1, 8)
+    taps, positions, grid = norms.conv_taps(kernel, 1, 1, 8)
     count, a, b = taps.shape
     offset_grams, pairs = spectral._offset_grams(
         taps, positions, grid, False

@@ -54,23 +54,35 @@ def space_to_depth_kernel(kernel, stride: int, padding: int):
     return out, q_min, q_max
 
 
-def conv_norm_bound(kernel, stride: int, padding: int, input_side: int) -> float:
-    """Upper bound of the l_2 operator norm of `conv(x, kernel, stride, padding)` on a square input of side
-    input_side (see the module docstring): space-to-depth, then the circular conv on the smallest torus
-    without wrap-around, exact SVD of every frequency block in float64."""
+def conv_taps(kernel, stride: int, padding: int, input_side: int):
+    """The taps, torus positions and torus side of a strided zero-padded conv (HWIO kernel) on a square input
+    of side input_side (see the module docstring): space-to-depth, then the smallest torus without
+    wrap-around. Returns (taps [T, cin', cout], positions [(p1, p2)] per tap, grid); grid 1 when the conv
+    reads disjoint patches (one matrix, its bound exact)."""
     k = np.shape(kernel)[0]
     if input_side % stride:
         raise ValueError(f"input side {input_side} is not divisible by the stride {stride}")
     n_in = input_side // stride
     n_out = (input_side + 2 * padding - k) // stride + 1
     folded, q_min, q_max = space_to_depth_kernel(kernel, stride, padding)
-    if q_min == q_max:  # one disjoint patch per output: block diagonal, exact
-        return float(np.linalg.svd(folded[0, 0], compute_uv=False)[0])
+    if q_min == q_max:  # one disjoint patch per output: block diagonal
+        return folded[:1, 0], [(0, 0)], 1
     grid = max(n_in - q_min, n_out + q_max)
-    taps = np.zeros((grid, grid) + folded.shape[2:])
     size = folded.shape[0]
-    for t1 in range(size):
-        for t2 in range(size):
-            taps[(t1 + q_min) % grid, (t2 + q_min) % grid] += folded[t1, t2]
-    spectrum = np.fft.rfft2(taps, axes=(0, 1))  # [grid, grid // 2 + 1, cin', cout]
+    taps = folded.reshape(size * size, *folded.shape[2:])
+    positions = [(t1 + q_min, t2 + q_min) for t1 in range(size) for t2 in range(size)]
+    return taps, positions, grid
+
+
+def conv_norm_bound(kernel, stride: int, padding: int, input_side: int) -> float:
+    """Upper bound of the l_2 operator norm of `conv(x, kernel, stride, padding)` on a square input of side
+    input_side (see the module docstring): `conv_taps`, then the exact SVD of every frequency block of the
+    circular conv in float64."""
+    taps, positions, grid = conv_taps(kernel, stride, padding, input_side)
+    if grid == 1:
+        return float(np.linalg.svd(taps[0], compute_uv=False)[0])
+    array = np.zeros((grid, grid) + taps.shape[1:])
+    for tap, (p1, p2) in zip(taps, positions):
+        array[p1 % grid, p2 % grid] += tap
+    spectrum = np.fft.rfft2(array, axes=(0, 1))  # [grid, grid // 2 + 1, cin', cout]
     return float(np.max(np.linalg.svd(spectrum, compute_uv=False)))

@@ -63,7 +63,7 @@ from certjax.certify.certificate import (
     refined_shift,
     start_vectors,
 )
-from certjax.certify.norms import conv_norm_bound, largest_singular_value, space_to_depth_kernel
+from certjax.certify.norms import conv_norm_bound, conv_taps, largest_singular_value
 from certjax.certify.rounding import FLOAT64_UNIT_ROUNDOFF, gamma
 
 RELATIVE_EXCESS = 1e-4  # the stated tolerance of the fast bound over the exact sigma_max (tests check it)
@@ -213,25 +213,6 @@ def _certify_frequencies(layer, offset_grams, keys, frequencies, grid, a, exact)
                 blocks[j], float(estimates[i]), lambda i=i: exact(i), first_try,
                 remake=lambda i=i: form(np.array([i]))[0],
             )  # fmt: skip
-
-
-def conv_taps(kernel, stride: int, padding: int, input_side: int):
-    """The taps, torus positions and torus side of a strided zero-padded conv (HWIO kernel) on a square input:
-    the same space-to-depth and smallest torus as norms.conv_norm_bound. Returns (taps [T, cin', cout],
-    positions, grid); grid 1 when the conv reads disjoint patches (one matrix)."""
-    k = np.shape(kernel)[0]
-    if input_side % stride:
-        raise ValueError(f"input side {input_side} is not divisible by the stride {stride}")
-    n_in = input_side // stride
-    n_out = (input_side + 2 * padding - k) // stride + 1
-    folded, q_min, q_max = space_to_depth_kernel(kernel, stride, padding)
-    if q_min == q_max:
-        return folded[:1, 0], [(0, 0)], 1
-    grid = max(n_in - q_min, n_out + q_max)
-    size = folded.shape[0]
-    taps = folded.reshape(size * size, *folded.shape[2:])
-    positions = [(t1 + q_min, t2 + q_min) for t1 in range(size) for t2 in range(size)]
-    return taps, positions, grid
 
 
 def conv_sigma_bound(kernel, stride: int, padding: int, input_side: int) -> float:
