@@ -58,6 +58,7 @@ import numpy as np
 import scipy.linalg.blas as blas
 
 from certjax.certify.certificate import (
+    SCALAR_SLACK,
     LayerBound,
     lanczos_top,
     refined_shift,
@@ -68,7 +69,6 @@ from certjax.certify.rounding import FLOAT64_UNIT_ROUNDOFF, gamma
 
 RELATIVE_EXCESS = 1e-4  # the stated tolerance of the fast bound over the exact sigma_max (tests check it)
 TWIDDLE_ERROR = 32 * FLOAT64_UNIT_ROUNDOFF  # |exp(i theta~) - exp(i theta)| for |theta| <= pi, 2 pi k / N
-SCALAR_SLACK = 1.0 + 64 * FLOAT64_UNIT_ROUNDOFF  # the handful of scalar float64 operations per bound
 LANCZOS_STEPS = 16  # Lanczos steps per block: estimates that order the blocks (no proof rests on them)
 CHUNK_BYTES = 64 << 20  # Gram matrices formed per batch of blocks
 
