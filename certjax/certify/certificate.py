@@ -7,7 +7,8 @@ certify.bound_method = "fast"; the derivation is point 2 of certjax/certify/spec
   complex arithmetic); else None. Nothing of an eigenvalue solver is trusted: eigvalsh and Lanczos only choose
   mu.
 * `LayerBound`: the largest proven lambda_max over a layer's blocks; a block below the bound so far is
-  certified at it (one factorisation), a larger one at its own eigvalsh value times 1 + DELTA.
+  certified at it (one factorisation), a larger one at its own Lanczos value times 1 + 10 DELTA (or
+  1 + 100 DELTA), its eigvalsh value only if both fail.
 * `lanczos_top`: Lanczos estimates (from below) of lambda_max of a batch of Hermitian operators.
 """
 
@@ -21,8 +22,7 @@ from certjax.certify.rounding import FLOAT64_UNIT_ROUNDOFF, gamma
 
 DELTA = 1e-7  # relative margin of mu over the estimated lambda_max: the bound's excess is ~DELTA / 2
 SCALAR_SLACK = 1.0 + 64 * FLOAT64_UNIT_ROUNDOFF  # the handful of scalar float64 operations per bound
-REFINED_STEPS = 48  # Lanczos steps for the block of the highest estimate: its shift, tried before eigvalsh
-ATTEMPTS = 5  # certificates tried per block before its exact SVD (never seen)
+REFINED_STEPS = 48  # Lanczos steps for a block above the layer's bound so far: its shift, before eigvalsh
 
 
 def cholesky_bound(negated: np.ndarray, mu: float, in_place: bool = False) -> float | None:
@@ -86,12 +86,10 @@ def start_vectors(count: int, n: int, dtype) -> np.ndarray:
     return (1.0 + np.random.default_rng(0).random((count, n))).astype(dtype)
 
 
-def refined_shift(negated: np.ndarray) -> float | None:
-    """mu to try first for the block of the highest estimate: REFINED_STEPS Lanczos steps on it (the whole
-    Hermitian -negated, both triangles), times 1 + 10 DELTA (None if not positive)."""
+def refined_top(negated: np.ndarray) -> float:
+    """lambda_max of the Hermitian -negated (both triangles read) from below: REFINED_STEPS Lanczos steps."""
     start = start_vectors(1, len(negated), negated.dtype)
-    top = float(lanczos_top(lambda v: -(v @ negated.T), start, REFINED_STEPS)[0])
-    return top * (1.0 + 10 * DELTA) if top > 0 else None
+    return float(lanczos_top(lambda v: -(v @ negated.T), start, REFINED_STEPS)[0])
 
 
 class LayerBound:
@@ -100,33 +98,47 @@ class LayerBound:
     def __init__(self):
         self.lam, self.fallbacks, self.eigvalsh = 0.0, 0, 0
 
-    def add(self, negated, estimate: float, exact_sigma, first_try=None, remake=None) -> None:
+    def add(self, negated, estimate: float, exact_sigma, remake=None) -> None:
         """Prove lambda_max(H) <= the layer's bound for one block, raising the bound if needed.
+
+        The shifts tried, cheapest first (a failed factorisation costs less than a completed one): the bound
+        so far (if the block's estimate is below it: the bound does not grow), then REFINED_STEPS Lanczos
+        steps' value times 1 + 10 DELTA and 1 + 100 DELTA, then the block's eigvalsh value plus DELTA and
+        1e3 DELTA of its scale; then the exact SVD (never seen).
 
         Args:
           negated: -H~ of the block (lower triangle read).
-          estimate: lambda_max from below (Lanczos); a block whose estimate is below the bound so far is
-            certified at the bound itself.
-          exact_sigma: () -> its exact sigma_max, the fallback after ATTEMPTS failed certificates.
-          first_try: a shift to try before the block's eigvalsh.
+          estimate: lambda_max from below (Lanczos).
+          exact_sigma: () -> its exact sigma_max, the fallback when every certificate failed.
           remake: () -> a fresh `negated`: the certificate then factors in place (no copy) and retries
             remake it.
         """
-        mu = self.lam if self.lam > 0 and estimate * (1.0 + DELTA) <= self.lam else first_try
-        intact, accurate = True, False
-        for _ in range(ATTEMPTS):
+        below = self.lam > 0 and estimate * (1.0 + DELTA) <= self.lam
+        plan = ("bound", "lanczos", "lanczos wide", "eigvalsh", "eigvalsh wide")[0 if below else 1 :]
+        intact, top, mu = True, 0.0, 0.0
+        for step in plan:
             if not intact:
                 negated, intact = remake(), True
-            if mu is None:  # an accurate value: the block's own largest eigenvalue
-                self.eigvalsh, accurate = self.eigvalsh + 1, True
+            if step == "bound":
+                mu = self.lam
+            elif step == "lanczos":
+                top = refined_top(negated)
+                mu = top * (1.0 + 10 * DELTA)
+            elif step == "lanczos wide":
+                mu = top * (1.0 + 100 * DELTA)
+            elif step == "eigvalsh":  # an accurate value: the block's own largest eigenvalue
+                self.eigvalsh += 1
                 top = -float(np.linalg.eigvalsh(negated, UPLO="L")[0])
                 scale = max(abs(top), float(np.max(np.abs(np.real(np.diagonal(negated))))), 1e-300)
                 mu = max(top, 0.0) + DELTA * scale
+            else:
+                mu = mu * (1.0 + 1e3 * DELTA)
+            if mu <= 0:
+                continue  # a Lanczos value <= 0: straight to eigvalsh
             bound = cholesky_bound(negated, mu, in_place=remake is not None)
             intact = remake is None
             if bound is not None:
                 self.lam = max(self.lam, bound)
                 return
-            mu = mu * (1.0 + 1e3 * DELTA) if accurate else None  # then eigvalsh, then wider margins
         self.fallbacks += 1  # never seen: the exact SVD of this block
         self.lam = max(self.lam, (exact_sigma() * SVD_SAFETY) ** 2)

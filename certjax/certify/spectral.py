@@ -61,7 +61,6 @@ from certjax.certify.certificate import (
     SCALAR_SLACK,
     LayerBound,
     lanczos_top,
-    refined_shift,
     start_vectors,
 )
 from certjax.certify.norms import conv_norm_bound, conv_taps, largest_singular_value
@@ -70,7 +69,22 @@ from certjax.certify.rounding import FLOAT64_UNIT_ROUNDOFF, gamma
 RELATIVE_EXCESS = 1e-4  # the stated tolerance of the fast bound over the exact sigma_max (tests check it)
 TWIDDLE_ERROR = 32 * FLOAT64_UNIT_ROUNDOFF  # |exp(i theta~) - exp(i theta)| for |theta| <= pi, 2 pi k / N
 LANCZOS_STEPS = 16  # Lanczos steps per block: estimates that order the blocks (no proof rests on them)
-CHUNK_BYTES = 64 << 20  # Gram matrices formed per batch of blocks
+LAYER_BYTES = 1 << 30  # Gram matrices formed at once (a layer that fits is formed once)
+SCALED_RANGE = (2.0**-64, 2.0**64)  # kernels whose largest tap is outside are scaled by a power of two
+PER_BLOCK_BYTES = 1 << 20  # blocks at least this large are estimated one at a time (cache)
+
+
+_SCRATCH: dict[str, np.ndarray] = {}  # buffers kept between layers: fresh memory is dearer than the GEMMs
+
+
+def _scratch(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised array of `shape` in the kept buffer `name` (grown when too small). Fresh memory costs
+    a page fault per 4 KiB on first touch: at width 512 that is more than forming the 145 blocks itself."""
+    size = math.prod(shape)
+    kept = _SCRATCH.get(name)
+    if kept is None or kept.size < size or kept.dtype != dtype:
+        kept = _SCRATCH[name] = np.empty(size, dtype)
+    return kept[:size].reshape(shape)
 
 
 def _power_of_two(value: float) -> float:
@@ -113,8 +127,13 @@ def _offset_grams(taps, positions, grid, transpose: bool):
         # sum over the pairs inside one GEMM: [T_s1 | T_s2 | ...] [T_t1 | T_t2 | ...]^T (rows side), a dot
         # product of (pairs x b) terms per entry
         axis = 0 if transpose else 1
-        left = np.concatenate([taps[s] for s, _ in offsets[d]], axis=axis)
-        right = np.concatenate([taps[t] for _, t in offsets[d]], axis=axis)
+        left = (
+            taps[offsets[d][0][0]]
+            if len(offsets[d]) == 1
+            else np.concatenate([taps[s] for s, _ in offsets[d]], axis=axis)
+        )
+        same = all(s == t for s, t in offsets[d])  # d = 0: the same operand, which numpy multiplies by SYRK
+        right = left if same else np.concatenate([taps[t] for _, t in offsets[d]], axis=axis)
         grams[d] = left.T @ right if transpose else left @ right.T
     return grams, max(len(pairs) for pairs in offsets.values())
 
@@ -132,14 +151,17 @@ def taps_sigma_bound(taps: np.ndarray, positions: list[tuple[int, int]], grid: i
     """
     taps = np.asarray(taps, np.float64)
     count, rows, cols = taps.shape
-    absolute = np.abs(taps)
-    size = float(np.max(absolute)) if taps.size else 0.0
+    size = max(float(np.max(taps)), -float(np.min(taps))) if taps.size else 0.0
     if size == 0.0:
         return {"sigma": 0.0, "fallbacks": 0, "eigvalsh": 0, "blocks": 0}
     scale = _power_of_two(size)
-    taps = taps / scale  # exact: a power of two
-    # ||A||_F^2, A = sum_t |T_t| (scaling by a power of two commutes with the rounding)
-    frobenius_sq = float(np.sum(np.square(np.sum(absolute, axis=0) / scale)))
+    if SCALED_RANGE[0] <= scale <= SCALED_RANGE[1]:
+        scale = 1.0  # scaling by a power of two would change no bit of what follows: skip its copies
+    else:
+        taps = taps / scale  # exact: keeps tiny and huge kernels clear of underflow and overflow
+    # ||A||_F^2, A = sum_t |T_t| (a dot product of rows * cols terms after the sum of count)
+    summed = taps[0] if count == 1 else np.sum(np.abs(taps), axis=0)  # one tap: ||A||_F = ||T_0||_F
+    frobenius_sq = float(np.vdot(summed, summed))
     frobenius_sq *= 1.0 + gamma(rows * cols + 2 * count + 4, np.float64)
     offset_grams, pairs = _offset_grams(taps, positions, grid, transpose=rows > cols)
     keys = list(offset_grams)
@@ -158,9 +180,7 @@ def taps_sigma_bound(taps: np.ndarray, positions: list[tuple[int, int]], grid: i
     layer = LayerBound()
     if grid == 1:  # one real matrix: -H~ = -C_0 (the certificate factors mu I - H~)
         negated = -offset_grams[keys[0]]
-        layer.add(
-            negated, 0.0, lambda: exact(0), refined_shift(negated), remake=lambda: -offset_grams[keys[0]]
-        )
+        layer.add(negated, 0.0, lambda: exact(0), remake=lambda: -offset_grams[keys[0]])
     else:
         _certify_frequencies(layer, offset_grams, keys, frequencies, grid, a, exact)
     sigma = math.sqrt(layer.lam + kappa_h * frobenius_sq * SCALAR_SLACK) * SCALAR_SLACK * scale
@@ -173,15 +193,17 @@ def taps_sigma_bound(taps: np.ndarray, positions: list[tuple[int, int]], grid: i
 
 
 def _certify_frequencies(layer, offset_grams, keys, frequencies, grid, a, exact) -> None:
-    """Every frequency's block into `layer`: -H~(f) = sum_d (-C_d) w_d(f) formed by one complex GEMM per batch
-    into one reused buffer (fresh memory would cost more than the GEMM), estimated by Lanczos in a first
-    pass, certified in the order of the estimates in a second (factored in place)."""
-    twiddles = _twiddles(frequencies, keys, grid)  # [F, D]
-    negated_flat = -np.stack([offset_grams[d].reshape(-1) for d in keys]).astype(np.complex128)
-    chunk = max(1, CHUNK_BYTES // (16 * a * a))
-    buffer = np.empty((min(chunk, len(frequencies)), a * a), np.complex128)
-
-    flat_f = np.asfortranarray(negated_flat.T)  # [a^2, D]
+    """Every frequency's block into `layer`: -H~(f) = sum_d C_d (-w_d(f)) formed by one complex GEMM per batch
+    of frequencies, estimated by Lanczos in a first pass, certified in the order of the estimates in a second
+    (factored in place). A layer whose blocks fit in LAYER_BYTES is formed once; a larger one in batches of
+    that size, formed again in the second pass."""
+    negated_twiddles = -_twiddles(frequencies, keys, grid)  # [F, D]; negating a twiddle is exact
+    flat = _scratch("offsets", (len(keys), a * a), np.complex128)  # [D, a^2]: the real C_d, one row each
+    for j, d in enumerate(keys):
+        flat[j].reshape(a, a).real[...] = offset_grams[d]
+        flat[j].imag[...] = 0.0
+    chunk = max(1, LAYER_BYTES // (16 * a * a))
+    buffer = _scratch("blocks", (min(chunk, len(frequencies)), a * a), np.complex128)
 
     def form(rows, out=None, lapack_pool=True):
         # numpy and scipy each bring their own BLAS thread pool, which keeps spinning after a call; a pass
@@ -189,30 +211,41 @@ def _certify_frequencies(layer, offset_grams, keys, frequencies, grid, a, exact)
         # numpy, the second (scipy's potrf) with scipy's BLAS, into out^T (Fortran order; out is C-ordered).
         out = np.empty((len(rows), a * a), np.complex128) if out is None else out[: len(rows)]
         if lapack_pool:
-            blas.zgemm(1.0, flat_f, np.asfortranarray(twiddles[rows].T), c=out.T, overwrite_c=1)
+            blas.zgemm(1.0, flat.T, np.asfortranarray(negated_twiddles[rows].T), c=out.T, overwrite_c=1)
         else:
-            np.matmul(twiddles[rows], negated_flat, out=out)
+            np.matmul(negated_twiddles[rows], flat, out=out)
         return out.reshape(-1, a, a)
 
     batches = [np.arange(s, min(s + chunk, len(frequencies))) for s in range(0, len(frequencies), chunk)]
     estimates = np.empty(len(frequencies))
     for rows in batches:
-        blocks = form(rows, buffer, lapack_pool=False)
-        estimates[rows] = lanczos_top(
-            lambda v, g=blocks: -np.matmul(g, v[:, :, None])[:, :, 0],
-            start_vectors(len(rows), a, np.complex128),
-            LANCZOS_STEPS,
-        )
+        estimates[rows] = _lanczos_estimates(form(rows, buffer, lapack_pool=False))
     order = np.argsort(-estimates)
+    if len(batches) == 1:  # the buffer holds every block: certify them there
+        for i in order:
+            layer.add(buffer[i].reshape(a, a), float(estimates[i]), lambda i=i: exact(i),
+                      remake=lambda i=i: form(np.array([i]))[0])  # fmt: skip
+        return
     for start in range(0, len(order), chunk):
         rows = order[start : start + chunk]
         blocks = form(rows, buffer)
         for j, i in enumerate(rows):
-            first_try = refined_shift(blocks[j]) if start == j == 0 else None
-            layer.add(
-                blocks[j], float(estimates[i]), lambda i=i: exact(i), first_try,
-                remake=lambda i=i: form(np.array([i]))[0],
-            )  # fmt: skip
+            layer.add(blocks[j], float(estimates[i]), lambda i=i: exact(i),
+                      remake=lambda i=i: form(np.array([i]))[0])  # fmt: skip
+
+
+def _lanczos_estimates(negated: np.ndarray) -> np.ndarray:
+    """LANCZOS_STEPS-step estimates of lambda_max(-negated[i]) [F]: one block at a time where a block is large
+    (it stays in cache over the steps: twice as fast at width 512), else all at once."""
+    count, n, _ = negated.shape
+    if 16 * n * n < PER_BLOCK_BYTES:
+        return lanczos_top(
+            lambda v: -np.matmul(negated, v[:, :, None])[:, :, 0],
+            start_vectors(count, n, negated.dtype),
+            LANCZOS_STEPS,
+        )
+    start = start_vectors(1, n, negated.dtype)
+    return np.array([lanczos_top(lambda v, g=g: -(v @ g.T), start, LANCZOS_STEPS)[0] for g in negated])
 
 
 def conv_sigma_bound(kernel, stride: int, padding: int, input_side: int) -> float:
@@ -244,23 +277,17 @@ def stack_sigma_bound(blocks) -> float:
     blocks = blocks / scale
     kappa_h = math.sqrt(2.0) * gamma(2 * m + 2, np.float64)
     layer, worst = LayerBound(), 0.0
-    chunk = max(1, CHUNK_BYTES // (16 * n * n))
+    chunk = max(1, LAYER_BYTES // (16 * n * n))
     for start in range(0, len(blocks), chunk):
         part = blocks[start : start + chunk]
         negated = -(np.conj(np.swapaxes(part, 1, 2)) @ part)
         frobenius_sq = float(np.max(np.sum(np.abs(part) ** 2, axis=(1, 2))))
         worst = max(worst, frobenius_sq * (1.0 + gamma(2 * m * n + 4, np.float64)))
-        estimates = lanczos_top(
-            lambda v, g=negated: -np.matmul(g, v[:, :, None])[:, :, 0],
-            start_vectors(len(part), n, np.complex128),
-            LANCZOS_STEPS,
-        )
-        order = np.argsort(-estimates)
-        for rank, i in enumerate(order):
-            first_try = refined_shift(negated[i]) if start == rank == 0 else None
+        estimates = _lanczos_estimates(negated)
+        for i in np.argsort(-estimates):
             layer.add(
                 negated[i], float(estimates[i]),
-                lambda i=i, p=part: float(np.linalg.svd(p[i], compute_uv=False)[0]), first_try,
+                lambda i=i, p=part: float(np.linalg.svd(p[i], compute_uv=False)[0]),
             )  # fmt: skip
     return math.sqrt(layer.lam + kappa_h * worst * SCALAR_SLACK) * SCALAR_SLACK * scale
 
