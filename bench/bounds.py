@@ -4,7 +4,9 @@ For LiResNet-L (L18W256, configs/liresnet.py), LiResNet++ (configs/liresnet_pp.p
 (configs/lot.py), on freshly initialised weights (the bounds' cost does not depend on training):
 - per layer kind: one layer of each kind timed with each bound method (exact: the float64 SVDs of 8811d5e,
   norms.py; fast: the Cholesky certificates, spectral.py), times the number of such layers;
-- the power iterations of the "assumed" figure (model.eval_power_iterations steps, timed on 20 and scaled);
+- the "assumed" figure: model.eval_power_iterations power iterations (the original's; timed on 20 and
+  scaled) and model.eval_lanczos_steps Lanczos steps from the same vectors (the configs' default), timed
+  whole;
 - the whole `certificate_bounds` as the evaluations during training call it (fast, no assumed figure)
   and, with --full, as the final evaluation calls it with each method (the assumed figure included).
 
@@ -30,7 +32,13 @@ import jax.numpy as jnp  # noqa: E402
 from certjax.certify import spectral  # noqa: E402
 from certjax.models import FAMILIES  # noqa: E402
 from certjax.models.common.layers import computed_collection  # noqa: E402
-from certjax.models.common.lipschitz import FROZEN, power_estimates  # noqa: E402
+from certjax.models.common.lipschitz import (  # noqa: E402
+    FROZEN,
+    POWER,
+    assumed_estimates,
+    linear_maps,
+    power_estimates,
+)
 
 SHAPE = (1, 32, 32, 3)
 PAPER_VARIANTS = {"liresnet_pp": "cifar10", "liresnet": "L", "lot": "L"}  # LiResNet-L (L18W256), LOT-L
@@ -98,6 +106,11 @@ def layer_kinds(family: str, model, variables):
     return {kind: tuple(v) for kind, v in kinds.items()}
 
 
+def _geometry(family: str, model) -> dict:
+    module = importlib.import_module(f"certjax.models.{family}")
+    return module.layer_geometry(model, SHAPE[1]) if family == "liresnet_pp" else module.layer_geometry(model)
+
+
 def _methods():
     return sorted(spectral.BOUND_METHODS.items())
 
@@ -127,14 +140,26 @@ def bench_family(family: str, full: bool) -> None:
         )
     if family != "lot":
         power_estimates(model, variables, SHAPE, PROBE_ITERATIONS)  # compiles
-        probe, _ = seconds(power_estimates, model, variables, SHAPE, PROBE_ITERATIONS)
+        probe, probed = seconds(power_estimates, model, variables, SHAPE, PROBE_ITERATIONS)
         power = probe * model.eval_iterations / PROBE_ITERATIONS
-        print(f"  assumed figure: {model.eval_iterations} power iterations        {power:8.1f} s"
-              f" (timed {PROBE_ITERATIONS}: {probe:.2f} s)")  # fmt: skip
+        k_probed = np.prod(list(probed.values()))
+        print(f"  assumed figure, power: {model.eval_iterations} iterations {power:8.1f} s"
+              f" (timed {PROBE_ITERATIONS}: {probe:.2f} s, K {k_probed:.6f})")  # fmt: skip
+        maps = linear_maps(_geometry(family, model), computed_collection(model, variables, SHAPE, FROZEN),
+                           variables[POWER])  # fmt: skip
+        lanczos = model.clone(assumed_estimator="lanczos")
+        assumed_estimates(lanczos, variables, SHAPE, maps)  # compiles
+        assumed, estimates = seconds(assumed_estimates, lanczos, variables, SHAPE, maps)
+        k_lanczos = np.prod(list(estimates.values()))
+        print(f"  assumed figure, lanczos: {lanczos.eval_lanczos_steps} steps {assumed:8.1f} s"
+              f" (K {k_lanczos:.6f}; {power / assumed:.1f}x)")  # fmt: skip
+        estimator = {"power": power, "lanczos": assumed}[model.assumed_estimator]
     else:
-        power = 0.0
+        power = estimator = 0.0
     for name, total in totals.items():
-        print(f"  layer bounds, {name:5s}: {total:8.1f} s; with the assumed figure {total + power:8.1f} s")
+        how = model.assumed_estimator if family != "lot" else "none"
+        print(f"  layer bounds, {name:5s}: {total:8.1f} s; with the assumed figure ({how})"
+              f" {total + estimator:8.1f} s")  # fmt: skip
     module = importlib.import_module(f"certjax.models.{family}")
 
     def in_training():

@@ -178,14 +178,20 @@ def lookahead_errors(spec) -> list[str]:
 
 
 def model_errors(config) -> list[str]:
-    """model.name (certjax.models.FAMILIES) and model.kernel (certjax.kernels.linf_dist.KERNELS)."""
+    """model.name (certjax.models.FAMILIES), model.kernel (certjax.kernels.linf_dist.KERNELS) and the assumed
+    figure's estimator (certjax.models.common.lipschitz.ASSUMED_ESTIMATORS)."""
     from certjax.kernels.linf_dist import KERNELS
     from certjax.models import FAMILIES
+    from certjax.models.common.lipschitz import ASSUMED_ESTIMATORS
 
     errors = ErrorList(config)
     errors.one_of("model.name", FAMILIES)
     kernel = config.model.get("kernel", "auto")  # configs saved before the switch have none: "auto"
     errors.need(kernel in KERNELS, "model.kernel", f"{kernel!r}; use one of {sorted(KERNELS)}")
+    if "assumed_estimator" in config.model:
+        errors.one_of("model.assumed_estimator", ASSUMED_ESTIMATORS)
+    if "eval_lanczos_steps" in config.model:
+        errors.positive_integers(["model.eval_lanczos_steps"])
     return errors
 
 

@@ -103,6 +103,19 @@ def test_config_errors_name_every_key_and_its_fix_at_once():
     assert "train.epoch: no such key" in message and "did you mean train.epochs" in message
 
 
+def test_assumed_estimator_is_one_of_the_registry():
+    from configs.liresnet import get_config
+
+    config = get_config("XS,demo")
+    config.model.assumed_estimator = "powr"
+    config.model.eval_lanczos_steps = 0
+    with pytest.raises(ConfigError) as error:
+        check_config(config, device_count=1)
+    message = str(error.value)
+    assert "model.assumed_estimator: 'powr'; use one of ['lanczos', 'power']" in message
+    assert "model.eval_lanczos_steps: 0; must be an integer >= 1" in message
+
+
 def test_batch_must_split_over_processes_too():
     config = _demo_config()
     config.train.batch_size = 126

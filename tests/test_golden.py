@@ -91,7 +91,8 @@ def recorded_export_names(out: dict) -> dict:
     return names
 
 
-LATER_FIELDS = ("bound_method",)  # fields added after 8811d5e (issue 23: the record names the bound method)
+# fields added after 8811d5e (issue 23: the record names the bound method and the assumed figure's estimator)
+LATER_FIELDS = ("bound_method", "assumed_estimator", "eval_lanczos_steps")
 
 
 def without_later_fields(values: dict) -> dict:

@@ -117,6 +117,51 @@ def test_power_iteration_converges_to_the_dense_norm_from_below():
     assert layer_estimates[-1] >= true_norm * (1 - 1e-3) > layer_estimates[0] * (1 - 1e-6)
 
 
+@pytest.mark.parametrize("geometry", [(3, 1, 1, 8, 4), (5, 2, 2, 8, 3), (4, 4, 0, 8, 4), None])
+def test_lanczos_stays_below_the_dense_norm_and_above_power_iteration(geometry):
+    """The assumed figure's Lanczos (model.assumed_estimator "lanczos") on the merged residual conv, the
+    stem's strided conv, the neck's patch conv and a dense layer: never above the exact norm, never below
+    the power iteration after one step fewer from the same vector, and converged long before it."""
+    key = jax.random.key(5)
+    if geometry is None:  # the neck's dense layer
+        kernel = jax.random.normal(key, (48, 16)) / 7.0
+        shape, operator = (1, 48), lambda v: lipschitz.dense(v, kernel, "highest")
+    else:
+        size, stride, padding, side, channels = geometry
+        kernel = jax.random.normal(key, (size, size, channels, 4)) / size
+        if size == 3:  # near the identity, as the residual blocks: a clustered top of the spectrum
+            kernel = lipschitz.dirac_kernel(4) + 0.05 * kernel
+        shape = (1, side, side, channels)
+        operator = lambda v: lipschitz.conv(v, kernel, stride, padding, "highest")  # noqa: E731
+    true_norm = _dense_norm(operator, shape)
+    u = jax.random.normal(jax.random.key(6), shape)
+
+    def both(u, steps):
+        ritz = lipschitz.lanczos_iterate(operator, u, steps)
+        power = lipschitz.power_iteration(operator, u, steps - 1)
+        return jnp.linalg.norm(operator(ritz)), jnp.linalg.norm(operator(power))
+
+    for steps in (2, 4, 8, 16):
+        lanczos, power = both(u, steps)
+        assert float(lanczos) <= true_norm * (1 + 1e-5)
+        assert float(lanczos) >= float(power) * (1 - 1e-5)
+    assert float(lanczos) >= true_norm * (1 - 1e-4)  # converged after 16 steps
+
+
+def test_certificate_bounds_by_lanczos_agree_with_long_power_iteration(tiny_trained_liresnet):
+    exp, state, _ = tiny_trained_liresnet
+    variables = {"params": state.params, **state.model_state}
+    model = exp.model.clone(assumed_estimator="lanczos", eval_lanczos_steps=32)
+    by_lanczos = liresnet.certificate_bounds(model, variables, (1, 32, 32, 3), bound_method="fast")["report"]
+    power = model.clone(assumed_estimator="power", eval_iterations=1000)
+    by_power = liresnet.certificate_bounds(power, variables, (1, 32, 32, 3), bound_method="fast")["report"]
+    assert by_lanczos["assumed_estimator"] == "lanczos" and by_power["assumed_estimator"] == "power"
+    for name, sigma in by_lanczos["layer_sigma_power"].items():
+        assert sigma >= by_power["layer_sigma_power"][name] * (1 - 1e-5), name
+        assert sigma <= by_lanczos["layer_sigma_bound"][name], name
+    assert by_lanczos["lipschitz_body_assumed"] == pytest.approx(by_power["lipschitz_body_assumed"], rel=1e-3)
+
+
 def _tiny_net(seed=0, noise=0.05):
     model = liresnet.LiResNet(depth=2, width=8, num_classes=10, neck_features=32, eval_iterations=300)
     variables = model.init(jax.random.key(seed), jnp.zeros((1, 32, 32, 3)))
@@ -379,6 +424,7 @@ def test_launch_trains_and_evaluates_liresnet_with_guaranteed_and_power_bounds(t
     lipschitz = record["lipschitz"]
     assert lipschitz["lipschitz_body_assumed"] <= lipschitz["lipschitz_body_measured"]
     assert set(lipschitz["layer_sigma_bound"]) == {"stem", "block1", "block2", "neck_conv", "neck_linear"}
+    assert lipschitz["assumed_estimator"] == "lanczos" and lipschitz["eval_lanczos_steps"] == 32
     assert 0.0 <= record["certified_accuracy"] <= record["certified_accuracy_assumed"]
     assert record["certified_accuracy_assumed"] <= record["clean_accuracy"] <= 1.0
     radii = np.load(record["radii_path"])

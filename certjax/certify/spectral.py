@@ -34,18 +34,19 @@ at the cost of one Cholesky factorisation per block, from three facts:
    root and the few scalar operations round up by SCALAR_SLACK.
 
 mu is chosen per block (certjax/certify/certificate.py, which holds point 2): the blocks are certified in the
-order of their Lanczos estimates (LANCZOS_STEPS steps, applied through the taps without forming any Gram
-matrix); the first at a shift from REFINED_STEPS more steps, or its eigvalsh value, times 1 + DELTA; each
-other one at the layer's bound so far when its estimate is below it (the layer's bound does not grow), else
-at its own eigvalsh value. The bound exceeds the exact sigma_max by about DELTA / 2 to 5 DELTA (relative
-5e-8 to 5e-7; RELATIVE_EXCESS, 1e-4, is what the tests hold it to). A block whose certificate fails five
-times (never seen) falls back to the exact SVD (norms.SVD_SAFETY), counted in the report. Scaling by a power
-of two (exact) keeps tiny and huge kernels in range; underflow is excluded as in every bound of certjax
+order of their Lanczos estimates (LANCZOS_STEPS steps on each formed block); each at the layer's bound so far
+when its estimate is below it (the layer's bound does not grow), else at REFINED_STEPS more steps' value times
+1 + 10 DELTA or 1 + 100 DELTA, and only if both fail at its eigvalsh value plus DELTA. The bound exceeds the
+exact sigma_max by about DELTA / 2 to 50 DELTA (relative 5e-8 to 5e-6; RELATIVE_EXCESS, 1e-4, is what the
+tests hold it to). A block whose certificates all fail (never seen) falls back to the exact SVD
+(norms.SVD_SAFETY), counted in the report. Kernels with a tap outside SCALED_RANGE are scaled by a power of
+two (exact) to keep them clear of underflow and overflow, which is excluded as in every bound of certjax
 (certjax/certify/rounding.py).
 
 The cost per block is one Cholesky factorisation of its lower triangle (about a tenth of an SVD's at width
-512), formed in place by one GEMM per batch of blocks from the layer's C_d (C_{-d} = C_d^T: half of the tap
-products); the exact method's FFT of a grid-sized tap array is not needed.
+512), formed by one GEMM for all the layer's frequencies from its C_d (C_{-d} = C_d^T: half of the tap
+products; C_0 by SYRK), into buffers kept between layers (on these machines a fresh buffer's page faults
+cost more than the GEMM); the exact method's FFT of a grid-sized tap array is not needed.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ from certjax.certify.rounding import FLOAT64_UNIT_ROUNDOFF, gamma
 
 RELATIVE_EXCESS = 1e-4  # the stated tolerance of the fast bound over the exact sigma_max (tests check it)
 TWIDDLE_ERROR = 32 * FLOAT64_UNIT_ROUNDOFF  # |exp(i theta~) - exp(i theta)| for |theta| <= pi, 2 pi k / N
-LANCZOS_STEPS = 16  # Lanczos steps per block: estimates that order the blocks (no proof rests on them)
+LANCZOS_STEPS = 8  # Lanczos steps per block: estimates that order the blocks (no proof rests on them)
 LAYER_BYTES = 1 << 30  # Gram matrices formed at once (a layer that fits is formed once)
 SCALED_RANGE = (2.0**-64, 2.0**64)  # kernels whose largest tap is outside are scaled by a power of two
 PER_BLOCK_BYTES = 1 << 20  # blocks at least this large are estimated one at a time (cache)
