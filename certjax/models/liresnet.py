@@ -35,9 +35,9 @@ Each is multiplied by BOUND_SAFETY (float64 FFT/SVD backward errors are ~1e-15; 
 in float64), and the merged kernels are computed once and passed in the "liresnet_frozen" collection, so the
 forward applies exactly the arrays that were bounded. The estimated K is reported next to it as the assumed
 bound: the snapshot's evaluation runs 500 power iterations from the stored vectors ("let the power method
-converge"); model.assumed_estimator "lanczos" (the configs' default) reaches the same limit by 32 Lanczos
+converge"); model.assumed_estimator "lanczos" (the configs' default) reaches the same limit by 24 Lanczos
 steps from the same vectors, at least as high as the power iteration after as many steps (lipschitz.py
-lanczos_iterate), 15x cheaper; "power" is the snapshot's own procedure.
+lanczos_iterate), 20x cheaper; "power" is the snapshot's own procedure.
 
 Rounding at evaluation. Certificates are for the network in exact arithmetic. With the layer bounds above
 a rounding error e of layer l's output grows to at most e prod_{m > l} sigma_m at the features (MinMax is

@@ -37,7 +37,7 @@ the bias (no Lipschitz effect). The certifying forward runs the body in float64 
 rounding allowance. The "assumed" bound is the
 original's evaluation (model.py sub_lipschitz in eval mode): 500 power iterations for stem and blocks times
 the Cholesky layers' SVDs; model.assumed_estimator "lanczos" (the config's default) replaces the 500
-iterations by 32 Lanczos steps from the same vectors (the same limit, 15x cheaper; liresnet.py's docstring).
+iterations by 24 Lanczos steps from the same vectors (the same limit, 20x cheaper; liresnet.py's docstring).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ FROZEN = "liresnet_frozen"  # evaluation: every layer's kernel as applied and it
 ESTIMATES = "lipschitz_estimate"  # sown per-layer power-iteration estimates, when asked for
 POWER_ITERATIONS = 10  # per training step (the snapshot's num_lc_iter)
 EVAL_POWER_ITERATIONS = 500  # the snapshot's evaluation: "let the power method converge"
-EVAL_LANCZOS_STEPS = 32  # the assumed figure by Lanczos: converged where 500 power iterations are not yet
+EVAL_LANCZOS_STEPS = 24  # the assumed figure by Lanczos: converged where 500 power iterations are not yet
 BOUND_SAFETY = 1.0 + 1e-6  # on each float64 FFT + SVD bound (their relative errors are ~1e-15)
 _HIGHEST = jax.lax.Precision.HIGHEST
 
