@@ -1,7 +1,8 @@
 """The cost of the guaranteed layer bounds at the paper's sizes, per layer kind and family, by bound method.
 
-For LiResNet-L (L18W256, configs/liresnet.py), LiResNet++ (configs/liresnet_pp.py) and LOT-L
-(configs/lot.py), on freshly initialised weights (the bounds' cost does not depend on training):
+For LiResNet-L (L18W256, configs/liresnet.py), LiResNet++ (configs/liresnet_pp.py), BRONet-L
+(configs/bronet.py) and LOT-L (configs/lot.py), on freshly initialised weights (the bounds' cost does not
+depend on training):
 - per layer kind: one layer of each kind timed with each bound method (exact: the float64 SVDs of 8811d5e,
   norms.py; fast: the Cholesky certificates, spectral.py), times the number of such layers;
 - the "assumed" figure: model.eval_power_iterations power iterations (the original's; timed on 20 and
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import os
 import sys
 import time
@@ -41,7 +43,7 @@ from certjax.models.common.lipschitz import (  # noqa: E402
 )
 
 SHAPE = (1, 32, 32, 3)
-PAPER_VARIANTS = {"liresnet_pp": "cifar10", "liresnet": "L", "lot": "L"}  # LiResNet-L (L18W256), LOT-L
+PAPER_VARIANTS = {"liresnet_pp": "cifar10", "liresnet": "L", "lot": "L", "bronet": "cifar10"}  # -L sizes
 PROBE_ITERATIONS = 20
 
 
@@ -79,7 +81,7 @@ def layer_kinds(family: str, model, variables):
         }
     frozen = jax.tree.map(np.asarray, computed_collection(model, variables, SHAPE, FROZEN))
     module = importlib.import_module(f"certjax.models.{family}")
-    geometry = module.layer_geometry(model, SHAPE[1]) if family == "liresnet_pp" else None
+    geometry = module.layer_geometry(model, SHAPE[1]) if _takes_side(module) else None
     if geometry is None:
         side = {"stem": 32}
         geometry = {
@@ -88,6 +90,12 @@ def layer_kinds(family: str, model, variables):
         }
     kinds = {}
     for name, g in geometry.items():
+        if "weights" in frozen[name]:  # a BRO layer: its cached W(f), bounded as a stack
+            weights = frozen[name]["weights"]
+            kind = f"BRO layer W(f) {weights.shape}"
+            kinds.setdefault(kind, [0, {n: (lambda m=m, w=weights: m.stack(w)) for n, m in _methods()}])
+            kinds[kind][0] += 1
+            continue
         kernel = np.asarray(frozen[name]["kernel"], np.float64)
         what = f"conv {g[0]}x{g[0]}/{g[1]} on {g[3]}" if g else "dense"
         kind = f"{name.rstrip('0123456789')} {what} {kernel.shape}"
@@ -108,7 +116,12 @@ def layer_kinds(family: str, model, variables):
 
 def _geometry(family: str, model) -> dict:
     module = importlib.import_module(f"certjax.models.{family}")
-    return module.layer_geometry(model, SHAPE[1]) if family == "liresnet_pp" else module.layer_geometry(model)
+    return module.layer_geometry(model, SHAPE[1]) if _takes_side(module) else module.layer_geometry(model)
+
+
+def _takes_side(module) -> bool:
+    """Whether the family's layer_geometry takes the input side (and gives it per layer)."""
+    return len(inspect.signature(module.layer_geometry).parameters) == 2
 
 
 def _methods():
@@ -181,9 +194,7 @@ def bench_family(family: str, full: bool) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--families", nargs="*", default=["liresnet_pp"], choices=["liresnet_pp", "liresnet", "lot"]
-    )
+    parser.add_argument("--families", nargs="*", default=["liresnet_pp"], choices=sorted(PAPER_VARIANTS))
     parser.add_argument(
         "--full", action="store_true", help="also time the whole certificate_bounds per method"
     )

@@ -18,7 +18,13 @@ import ml_collections
 
 # Keys the code reads with .get() that a family's get_config may leave out (see evaluate.radii_of).
 OPTIONAL_KEYS = frozenset(
-    {"certify.radii", "certify.bound_method", "optimizer.lookahead", "optimizer.momentum_decay"}
+    {
+        "certify.radii",
+        "certify.bound_method",
+        "optimizer.lookahead",
+        "optimizer.momentum_decay",
+        "optimizer.cosine_floor",
+    }
 )
 SUBSET_MODES = ("first", "random")  # data.real_subset_mode: certjax.data.sources.subset_indices
 LOOKAHEAD_KEYS = ("alpha", "k", "sync_every_epoch", "enabled")  # what certjax.optim.make_optimizer reads

@@ -100,14 +100,37 @@ def emma_exact(logits, pair_bound, labels, schedule, loss_config):
     the eps ramp applied (LiResNet++: 0.1 -> 3.0 x 36/255 over the first half, config.loss.eps_ramp).
     """
     del loss_config
+    return optax.softmax_cross_entropy_with_integer_labels(
+        emma_logits(logits, pair_bound, labels, schedule), labels
+    )
+
+
+def emma_logits(logits, pair_bound, labels, schedule):
+    """z' of emma_exact [B, C] (z'_y = 0), which the LA loss also takes."""
     eps = schedule["eps_train"]
     gap = logits - true_class_logit(logits, labels)  # d_i
     margin_bound = pair_bound[labels]  # m_i, [B, C]
     needed = -gap / jnp.maximum(margin_bound * eps, 1e-8)
     fraction = jax.lax.stop_gradient(jnp.clip(needed, 0.01, 1.0))  # eps_i
     raised = gap + fraction * eps * margin_bound
-    raised = mask_true_class(raised, labels, 0.0)
-    return optax.softmax_cross_entropy_with_integer_labels(raised, labels)
+    return mask_true_class(raised, labels, 0.0)
+
+
+def logit_annealing(logits, pair_bound, labels, schedule, loss_config):
+    """Logit annealing on the exact-EMMA logits (BRONet, bronet/models/margin_layer.py LA loss with EMMA):
+
+        u = (z' - xi onehot(y)) / T,  CE = -log softmax(u)_y,  p = exp(-CE) (not detached),
+        loss = T (1 - p)^beta CE,
+
+    z' as emma_exact (the eps ramp in schedule["eps_train"]); beta = loss.la_beta (5), T =
+    loss.la_temperature (0.75), xi = loss.la_offset (2), every BRONet config's values. 1 - p is computed as
+    -expm1(-CE): exact where p is close to 1, which is where the factor anneals the loss away."""
+    raised = emma_logits(logits, pair_bound, labels, schedule)
+    temperature = loss_config.get("la_temperature", 0.75)
+    offset = loss_config.get("la_offset", 2.0)
+    shifted = (raised - offset * jax.nn.one_hot(labels, logits.shape[-1], dtype=raised.dtype)) / temperature
+    ce = optax.softmax_cross_entropy_with_integer_labels(shifted, labels)
+    return temperature * jnp.power(-jnp.expm1(-ce), loss_config.get("la_beta", 5.0)) * ce
 
 
 def gloro_trades(logits, pair_bound, labels, schedule, loss_config):
@@ -137,6 +160,7 @@ LOSSES = {
     "emma": emma,
     "emma_exact": emma_exact,
     "gloro_trades": gloro_trades,
+    "logit_annealing": logit_annealing,
 }
 
 

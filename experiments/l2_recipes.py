@@ -1,23 +1,24 @@
 """LiResNet++ (CHORD, exact EMMA, NAdam + Lookahead, per-source augmentation) against the seed's LiResNet
-(GloroNet) at CPU scale, each with and without an extra pool of images: does the newer l_2 recipe certify
-more?
+(GloroNet), BRONet (issue 24) and LOT at CPU scale, each with and without an extra pool of images: does the
+newer l_2 recipe certify more?
 
   python experiments/l2_recipes.py --dry-run     # print every step
-  python experiments/l2_recipes.py               # run: about an hour on a 2-core CPU
+  python experiments/l2_recipes.py               # run: about two hours on a 2-core CPU
 
 The held-out-pool setup of experiments/cpu_replication.py: the real training set is 5,000 CIFAR-10 training
 images (a fixed random subset, seed 0) from ../shared/data/cifar10-jpeg-{split}.zip, and the other 45,000
 training images, written once as a generated-format .npz, play the diffusion-generated pool.
 
-Matched parameter count and step budget: both models are shrunk to about the same number of parameters
-(`--print-params` prints them) and every run takes the same number of optimiser steps at the same batch
-size. Each recipe keeps its own mix and epoch rule: LiResNet 30 % real per batch with the seed's epoch
-(N_real images), LiResNet++ 25 % real with one pass over the real set per epoch (4x the steps per epoch,
-so a quarter of the epochs). Without the pool both train on real images only. Every run evaluates its
-last checkpoint on the full test set at 36/255 with guaranteed bounds and is audited by PGD
-(certjax.audit); the table (clean, certified, train - test gap, img/s from the training log) goes to
---results/table.md. Speed figures of runs that shared the CPU with other work are not comparable: time
-the two models side by side under a lock instead (bench/liresnet.py).
+Matched parameter count and step budget: every model is shrunk to about the same number of parameters
+(`--print-params` prints them: 356k, 340k, 313k and 407k) and every run takes the same number of optimiser
+steps at the same batch size. Each recipe keeps its own mix and epoch rule: LiResNet and LOT 30 % real per
+batch with the seed's epoch (N_real images), LiResNet++ and BRONet 25 % real with one pass over the real
+set per epoch (4x the steps per epoch, so a quarter of the epochs). Without the pool all train on real
+images only. Every run evaluates its last checkpoint on the full test set at 36/255 with guaranteed bounds
+and is audited by PGD (certjax.audit); the table (clean, certified, train - test gap, the body's measured
+and assumed Lipschitz bounds, img/s from the training log) goes to --results/table.md. Speed figures of
+runs that shared the CPU with other work are not comparable: time the models side by side under a lock
+instead (bench/liresnet.py, bench/bronet.py).
 """
 
 from __future__ import annotations
@@ -51,6 +52,17 @@ RECIPES = {
         ["--config.model.depth=6", "--config.model.width=32", "--config.model.neck_features=256",
          "--config.model.mlp_depth=2", "--config.model.eval_power_iterations=200"],
         0.25, 4,
+    ),
+    "bronet": (  # issue 24: LiResNet++'s stem, neck and MLP around BRO layers, the LA loss
+        "configs/bronet.py",
+        ["--config.model.depth=6", "--config.model.width=32", "--config.model.neck_features=256",
+         "--config.model.mlp_depth=2"],
+        0.25, 4,
+    ),
+    "lot": (
+        "configs/lot.py:S,cosine",
+        ["--config.model.init_channels=6"],
+        0.3, 1,
     ),
 }  # fmt: skip
 
@@ -161,25 +173,30 @@ def _last_record(path: str) -> dict:
 def table(args) -> str:
     """One markdown row per run from its results.jsonl (evaluation of the last checkpoint) and train log."""
     rows = [
-        "| recipe | pool | steps | clean | certified 36/255 | train clean | train - test gap | img/s (log) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| recipe | pool | steps | clean | certified 36/255 | train clean | train - test gap | K measured |"
+        " K assumed | img/s (log) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for recipe in RECIPES:
         for pool in (False, True):
             workdir = run_dir(args, recipe, pool)
             results = os.path.join(workdir, "results.jsonl")
             if not os.path.exists(results):
-                rows.append(f"| {recipe} | {'yes' if pool else 'no'} | (not run) | | | | | |")
+                rows.append(f"| {recipe} | {'yes' if pool else 'no'} | (not run) | | | | | | | |")
                 continue
             record = _last_record(results)
             clean = record.get("clean_accuracy", float("nan"))
             cert = record.get("certified_accuracy", float("nan"))
             train_clean = record.get("train_clean_accuracy", float("nan"))
             speed = images_per_second(workdir)
+            bounds = record.get("lipschitz", {})  # the body's guaranteed and assumed Lipschitz bounds
+            measured = bounds.get("lipschitz_body_measured", float("nan"))
+            assumed = bounds.get("lipschitz_body_assumed", float("nan"))
             rows.append(
                 f"| {recipe} | {'yes' if pool else 'no'} | {record.get('step', 0)} | {100 * clean:.2f} % | "
                 f"{100 * cert:.2f} % | "
-                f"{100 * train_clean:.2f} % | {100 * (train_clean - clean):.2f} | {speed:.1f} |"
+                f"{100 * train_clean:.2f} % | {100 * (train_clean - clean):.2f} | {measured:.4g} | "
+                f"{assumed:.4g} | {speed:.1f} |"
             )
     return "\n".join(rows) + "\n"
 

@@ -24,6 +24,9 @@ _OLD_TINY_RUNS = {
     "liresnet_pp": ("configs/liresnet_pp.py", "demo",
                     {"model.width": 8, "model.neck_features": 32, "model.eval_power_iterations": 50,
                      "optimizer.warmup_epochs": 0, "certify.eps": 0.02}),
+    "bronet": ("configs/bronet.py", "demo",  # issue 24, written the same way
+               {"model.width": 8, "model.neck_features": 32, "model.eval_power_iterations": 50,
+                "optimizer.warmup_epochs": 0, "certify.eps": 0.02}),
 }  # fmt: skip
 _OLD_SETTINGS = {
     "train.epochs": 1, "train.batch_size": 64, "data.real_subset": 256, "train.eval_batch_size": 250,

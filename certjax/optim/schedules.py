@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -35,7 +36,9 @@ import optax
 
 
 def _cosine(opt_config, base_lr: float, total_steps: int, warmup: int):
-    return optax.cosine_decay_schedule(base_lr, max(total_steps - warmup, 1))
+    cosine = optax.cosine_decay_schedule(base_lr, max(total_steps - warmup, 1))
+    floor = opt_config.get("cosine_floor", 0.0)  # BRONet tools/scheduler.py: max(cosine ratio, 1e-5)
+    return cosine if not floor else (lambda step: jnp.maximum(cosine(step), floor * base_lr))
 
 
 def _constant(opt_config, base_lr: float, total_steps: int, warmup: int):
