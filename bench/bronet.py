@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 from timing import time_train_steps, timed, train_step_timer  # noqa: E402
 
 from certjax.models import bronet  # noqa: E402
+from certjax.models.common.solve import solve  # noqa: E402
 from configs.bronet import get_config  # noqa: E402
 
 
@@ -42,7 +43,7 @@ def layer_parts(batch: int, side: int, width: int, rank: int, repeats: int) -> t
     def solve_only(spectrum, kernel):  # everything between the two FFTs
         v = bronet.kernel_spectrum(kernel, grid)
         projected = jnp.einsum("fgcr,bfgc->fgrb", jnp.conj(v), spectrum)
-        solved = jnp.linalg.solve(bronet.regularised_gram(v), projected)
+        solved = solve(bronet.regularised_gram(v), projected)
         out = spectrum - 2.0 * jnp.einsum("fgcr,fgrb->bfgc", v, solved)
         return jnp.sum(jnp.abs(out) ** 2)
 

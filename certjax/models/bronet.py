@@ -76,6 +76,7 @@ from certjax.models.common.lipschitz import (
     power_estimates,
 )
 from certjax.models.common.lot_certify import lot_layer
+from certjax.models.common.solve import solve
 
 REGULARISER = 1e-7  # backbone.py:287: d = 1e-7 mean diag(V^H V) per frequency, not detached
 RANK_RATIO = 0.5  # configs/cifar10.yaml: rank = int(width x 0.5)
@@ -100,7 +101,7 @@ def regularised_gram(spectrum):
 def bro_matrices(spectrum):
     """W = I - 2 V (V^H V + d I)^{-1} V^H per frequency [..., W, W] of V(f) [..., W, R] (a solve, no
     inverse): the matrices evaluation caches and bounds."""
-    solved = jnp.linalg.solve(regularised_gram(spectrum), jnp.conj(jnp.swapaxes(spectrum, -1, -2)))
+    solved = solve(regularised_gram(spectrum), jnp.conj(jnp.swapaxes(spectrum, -1, -2)))
     eye = jnp.eye(spectrum.shape[-2], dtype=spectrum.dtype)
     return eye - 2.0 * spectrum @ solved
 
@@ -121,7 +122,7 @@ def bro_apply(x, kernel):
     spectrum, grid = padded_spectrum(x)
     v = kernel_spectrum(kernel.astype(x.dtype), grid)
     projected = jnp.einsum("fgcr,bfgc->fgrb", jnp.conj(v), spectrum)
-    solved = jnp.linalg.solve(regularised_gram(v), projected)  # [n, m, R, B]
+    solved = solve(regularised_gram(v), projected)  # [n, m, R, B]
     out = spectrum - 2.0 * jnp.einsum("fgcr,fgrb->bfgc", v, solved)
     return cropped(out, grid, x.shape[1])
 
