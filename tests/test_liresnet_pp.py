@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from certjax.models import liresnet, liresnet_pp
-from certjax.models.common import cholesky, lipschitz
+from certjax.models.common import cholesky, chord, lipschitz
 from tests.test_liresnet import _conv64
 
 # ------------------------------------------------------------------------------ Cholesky orthogonalisation
@@ -199,10 +199,10 @@ def test_every_layer_bound_is_above_the_dense_norm_of_the_layer_as_applied(tiny)
         "stem": (lipschitz.LipschitzConv(8, 5, 2, 2), (1, SIDE, SIDE, 3)),
         "block1": (liresnet_pp.CentredResidualConv(8, 2), (1, half, half, 8)),
         "block2": (liresnet_pp.CentredResidualConv(8, 2), (1, half, half, 8)),
-        "neck_conv": (liresnet_pp.CholeskyConv(8), (1, half, half, 8)),
-        "neck_linear": (liresnet_pp.CholeskyDense(32), (1, 8 * (half // 4) ** 2)),
-        "mlp1": (liresnet_pp.CholeskyDense(32, 2), (1, 32)),
-        "mlp2": (liresnet_pp.CholeskyDense(32, 2), (1, 32)),
+        "neck_conv": (chord.CholeskyConv(8), (1, half, half, 8)),
+        "neck_linear": (chord.CholeskyDense(32), (1, 8 * (half // 4) ** 2)),
+        "mlp1": (chord.CholeskyDense(32, 2), (1, 32)),
+        "mlp2": (chord.CholeskyDense(32, 2), (1, 32)),
     }
     layer_variables = {}
     for name in modules:

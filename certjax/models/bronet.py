@@ -38,8 +38,6 @@ pad -> rfft2 -> W(f) -> c2r -> crop operator). The assumed figure is the origina
 
 from __future__ import annotations
 
-import contextlib
-
 import flax
 import flax.linen as nn
 import jax
@@ -50,13 +48,15 @@ from certjax.certify import spectral
 from certjax.certify.margins import pair_lipschitz_matrix
 from certjax.certify.norms import pairwise_row_distances
 from certjax.certify.rounding import round_up_float32_array
-from certjax.models import Family, ModelOutput
-from certjax.models.common.chord import MOMENTUM, NECK_PATCH, STATS, CholeskyConv, CholeskyDense
+from certjax.models import Family
+from certjax.models.common.chord import (
+    MOMENTUM,
+    NECK_PATCH,
+    STATS,
+    chord_forward,
+)
 from certjax.models.common.layers import (
-    NormalizedLinear,
-    check_certifying,
     computed_collection,
-    max_min,
     normalized_rows,
 )
 from certjax.models.common.lipschitz import (
@@ -68,11 +68,8 @@ from certjax.models.common.lipschitz import (
     FROZEN,
     POWER,
     POWER_ITERATIONS,
-    LipschitzConv,
     assumed_estimates,
-    certified_features,
     linear_maps,
-    pairwise_distances,
     power_estimates,
 )
 from certjax.models.common.lot_certify import lot_layer
@@ -219,41 +216,8 @@ class BRONet(nn.Module):
         del p, dropout  # no l_p phase, no dropout (Trainer.recalibrate passes dropout=False)
         if x.shape[1] != x.shape[2] or x.shape[1] % 8:
             raise ValueError(f"BRONet needs square inputs with a side divisible by 8, got {x.shape}")
-        layers = [(LipschitzConv(self.width, 5, 2, 2, self.iterations, name="stem"), True)]
-        layers += [
-            (BROConv(self.width, self.rank, self.depth, name=f"bro{i + 1}"), True) for i in range(self.depth)
-        ]
-        layers += [
-            (CholeskyConv(self.width, name="neck_conv"), False),
-            (CholeskyDense(self.neck_features, name="neck_linear"), True),
-        ]
-        layers += [
-            (CholeskyDense(self.neck_features, self.mlp_depth, name=f"mlp{i + 1}"), True)
-            for i in range(self.mlp_depth)
-        ]
-        certifying = check_certifying(self, certify)
-        with jax.enable_x64(True) if certifying else contextlib.nullcontext():
-            h = jnp.asarray(x, jnp.float64) if certifying else jnp.asarray(x)
-            lipschitz, error = 1.0, None
-            for layer, activate in layers:
-                if isinstance(layer, CholeskyDense) and h.ndim > 2:
-                    h = h.reshape(h.shape[0], -1)
-                h, sigma, rounding = layer(h, train=train, certify=certifying)
-                if activate:
-                    h = max_min(h)
-                lipschitz = lipschitz * sigma
-                if rounding is not None:  # a rounding error e before a layer leaves it as <= sigma e
-                    local, sigma_bound = rounding
-                    error = local if error is None else sigma_bound * error + local
-            if certifying:
-                h = certified_features(self, h, error)
-                lipschitz = lipschitz.astype(jnp.float32)
-        if return_features:
-            return h
-        head = NormalizedLinear(self.num_classes, name="head")
-        logits = head(h, certify=certifying)
-        rows = normalized_rows(head.variables["params"]["kernel"])
-        return ModelOutput(logits, pair_bound=lipschitz * pairwise_distances(rows))
+        body = [BROConv(self.width, self.rank, self.depth, name=f"bro{i + 1}") for i in range(self.depth)]
+        return chord_forward(self, body, x, train=train, return_features=return_features, certify=certify)
 
 
 def build(model_config, num_classes: int) -> nn.Module:

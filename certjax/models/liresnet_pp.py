@@ -42,8 +42,6 @@ iterations by 24 Lanczos steps from the same vectors (the same limit, 20x cheape
 
 from __future__ import annotations
 
-import contextlib
-
 import flax
 import flax.linen as nn
 import jax
@@ -54,19 +52,15 @@ from certjax.certify import spectral
 from certjax.certify.margins import pair_lipschitz_matrix
 from certjax.certify.norms import pairwise_row_distances
 from certjax.certify.rounding import round_up_float32_array
-from certjax.models import Family, ModelOutput
+from certjax.models import Family
 from certjax.models.common.chord import (
     MOMENTUM,
     NECK_PATCH,
     STATS,
-    CholeskyConv,
-    CholeskyDense,
+    chord_forward,
 )
 from certjax.models.common.layers import (
-    NormalizedLinear,
-    check_certifying,
     computed_collection,
-    max_min,
     normalized_rows,
 )
 from certjax.models.common.lipschitz import (
@@ -78,14 +72,11 @@ from certjax.models.common.lipschitz import (
     FROZEN,
     POWER,
     POWER_ITERATIONS,
-    LipschitzConv,
     assumed_estimates,
-    certified_features,
     conv,
     dirac_kernel,
     linear_maps,
     lipschitz_layer,
-    pairwise_distances,
     power_estimates,
 )
 
@@ -168,43 +159,11 @@ class LiResNetPP(nn.Module):
         del p, dropout  # no l_p phase, no dropout (Trainer.recalibrate passes dropout=False)
         if x.shape[1] != x.shape[2] or x.shape[1] % 8:
             raise ValueError(f"LiResNet++ needs square inputs with a side divisible by 8, got {x.shape}")
-        # (layer, MinMax after it): model.py GloroNet.forward / Map2Vec.forward / LiResMLP.forward
-        layers = [(LipschitzConv(self.width, 5, 2, 2, self.iterations, name="stem"), True)]
-        layers += [
-            (CentredResidualConv(self.width, self.depth, self.iterations, name=f"block{i + 1}"), True)
+        body = [
+            CentredResidualConv(self.width, self.depth, self.iterations, name=f"block{i + 1}")
             for i in range(self.depth)
         ]
-        layers += [
-            (CholeskyConv(self.width, name="neck_conv"), False),
-            (CholeskyDense(self.neck_features, name="neck_linear"), True),
-        ]
-        layers += [
-            (CholeskyDense(self.neck_features, self.mlp_depth, name=f"mlp{i + 1}"), True)
-            for i in range(self.mlp_depth)
-        ]
-        certifying = check_certifying(self, certify)
-        with jax.enable_x64(True) if certifying else contextlib.nullcontext():
-            h = jnp.asarray(x, jnp.float64) if certifying else jnp.asarray(x)  # numpy float64 -> float32
-            lipschitz, error = 1.0, None
-            for layer, activate in layers:
-                if isinstance(layer, CholeskyDense) and h.ndim > 2:
-                    h = h.reshape(h.shape[0], -1)
-                h, sigma, rounding = layer(h, train=train, certify=certifying)
-                if activate:
-                    h = max_min(h)
-                lipschitz = lipschitz * sigma
-                if rounding is not None:  # a rounding error e before a layer leaves it as <= sigma e
-                    local, sigma_bound = rounding
-                    error = local if error is None else sigma_bound * error + local
-            if certifying:
-                h = certified_features(self, h, error)
-                lipschitz = lipschitz.astype(jnp.float32)
-        if return_features:
-            return h
-        head = NormalizedLinear(self.num_classes, name="head")
-        logits = head(h, certify=certifying)
-        rows = normalized_rows(head.variables["params"]["kernel"])
-        return ModelOutput(logits, pair_bound=lipschitz * pairwise_distances(rows))
+        return chord_forward(self, body, x, train=train, return_features=return_features, certify=certify)
 
 
 def build(model_config, num_classes: int) -> nn.Module:
