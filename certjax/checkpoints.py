@@ -206,6 +206,23 @@ def best_step(manager) -> int | None:
     return best
 
 
+def kept_steps(epochs: int, steps_per_epoch: int, every_epochs: int, keep: int) -> list[int]:
+    """The steps a run certainly still has when it ends: the last `keep` of its saves (every `every_epochs`
+    epochs and at the last step; train._end_epoch). Its best checkpoint is kept too, but which one that is
+    is known only at the end.
+
+    Args:
+      epochs, steps_per_epoch: the run's length (Experiment.total_steps = epochs x steps_per_epoch).
+      every_epochs, keep: config.checkpoint's save interval and the LatestN of make_manager.
+
+    Returns:
+      The kept steps, ascending.
+    """
+    saves = {epoch * steps_per_epoch for epoch in range(1, epochs + 1) if epoch % every_epochs == 0}
+    saves.add(epochs * steps_per_epoch)
+    return sorted(saves)[-max(keep, 1) :]
+
+
 def select_step(manager, which: str) -> int:
     """'best' | 'last' | an integer step -> a saved step, or a clear error."""
     steps = manager.all_steps()

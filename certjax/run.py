@@ -100,5 +100,5 @@ def train_then_evaluate(config: ml_collections.ConfigDict, workdir: str, which: 
             "--mode=evaluate evaluates it again, a larger --config.train.epochs trains on."
         )
         return record
-    train.train_and_evaluate(config, workdir)
+    train.train_and_evaluate(config, workdir, final=which)
     return evaluate.evaluate_checkpoint(workdir, which)

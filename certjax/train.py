@@ -155,11 +155,24 @@ def _device_schedule(values: dict[str, float]) -> dict[str, np.ndarray]:
     return {k: np.float32(v) for k, v in values.items()}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Train (resuming from the latest readable checkpoint in workdir if any), evaluating every few epochs."""
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, final: str | None = None
+) -> TrainState:
+    """Train (resuming from the latest readable checkpoint in workdir if any), evaluating every few epochs.
+    final: the checkpoint the caller evaluates afterwards (--checkpoint); a step the run will not keep is
+    refused before anything is written."""
     check_config(config, device_count=jax.device_count(), process_count=jax.process_count())
     warmup_note = schedules.fit_warmup(config)  # a short run of a recipe with a warmup: scaled, said once
     exp = Experiment(config)  # before the workdir exists: bad data leaves no empty workdir behind
+    if final is not None and final.isdigit():
+        every, keep = config.checkpoint.every_epochs, config.checkpoint.keep
+        kept = checkpoints.kept_steps(config.train.epochs, exp.steps_per_epoch, every, keep)
+        if int(final) not in kept:
+            raise ValueError(
+                f"--checkpoint={final}: this run ends with steps {', '.join(map(str, kept))} (the last "
+                f"checkpoint.keep={keep} of its saves every {every} epochs of {exp.steps_per_epoch} steps) "
+                "and its best; use best, last or one of those steps"
+            )
     write_config_json(config, workdir)
     if warmup_note:
         console(warmup_note)

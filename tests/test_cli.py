@@ -175,6 +175,11 @@ BAD_INPUTS = {
         "--checkpoint=newest",
         "new",
     ),
+    "train: a --checkpoint step the run will not keep": (
+        [TINY, "--workdir=<new>", "--checkpoint=3"],
+        "--checkpoint=3: this run ends with steps 4",
+        "new",
+    ),
     "evaluate: workdir without checkpoints": (
         ["--workdir=<empty>", "--mode=evaluate"],
         "no checkpoints",
@@ -310,3 +315,23 @@ def test_bad_input_through_the_entry_point_function(tmp_path, capsys):
         cli.one_line("2 invalid config value(s):\n  - a: x\n  - b: y")
         == "2 invalid config value(s): a: x; b: y"
     )
+
+
+def test_kept_steps_are_the_last_saves_of_the_schedule():
+    """By hand: 10 epochs of 5 steps, saves every 3 epochs (15, 30, 45) and at the end (50)."""
+    from certjax.checkpoints import kept_steps
+
+    assert kept_steps(10, 5, 3, 2) == [45, 50]
+    assert kept_steps(10, 5, 3, 9) == [15, 30, 45, 50]
+    assert kept_steps(6, 5, 3, 2) == [15, 30]  # the end is a scheduled save: not counted twice
+    assert kept_steps(1, 4, 1, 0) == [
+        4
+    ]  # keep 0 still keeps the latest (make_manager: LatestN(max(keep, 1)))
+
+
+def test_train_with_a_step_the_run_keeps_evaluates_that_step(tmp_path):
+    """--checkpoint=<a kept step> is accepted before training and evaluated after it (the tiny run's 4)."""
+    result = _certjax(TINY, f"--workdir={tmp_path / 'run'}", "--mode=train_and_evaluate", "--checkpoint=4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 4
