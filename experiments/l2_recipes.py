@@ -239,7 +239,8 @@ def main(argv=None) -> int:
                     stderr=subprocess.STDOUT if log else None,
                 )
             if result.returncode and "certjax.audit" in command:
-                print(f"audit found an unsound certificate (exit {result.returncode})", flush=True)
+                found = "found a broken certificate" if result.returncode == 1 else "did not finish"
+                print(f"the audit {found} (exit {result.returncode})", flush=True)
                 return result.returncode
             if result.returncode:
                 return result.returncode
