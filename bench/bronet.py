@@ -26,8 +26,10 @@ from certjax.models.common.solve import solve  # noqa: E402
 from configs.bronet import get_config  # noqa: E402
 
 
-def layer_parts(batch: int, side: int, width: int, rank: int, repeats: int) -> tuple[float, float]:
-    """Seconds per (FFT part, solve part) of one BRO layer, forward and backward, at these shapes."""
+def layer_parts(batch: int, side: int, width: int, rank: int, repeats: int) -> tuple[float, float, float]:
+    """Seconds per (FFT part, solve part, solve part with jaxlib's batched solve) of one BRO layer, forward
+    and backward, at these shapes. The batched solve is safe here (one call at a time) but not in the train
+    step on CPU (certjax/models/common/solve.py): its time says what that workaround costs."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(batch, side, side, width)), jnp.float32)
     kernel = jnp.asarray(rng.normal(size=(3, 3, width, rank)) / (9 * width), jnp.float32)
@@ -40,16 +42,20 @@ def layer_parts(batch: int, side: int, width: int, rank: int, repeats: int) -> t
 
     spectrum, _ = bronet.padded_spectrum(x)
 
-    def solve_only(spectrum, kernel):  # everything between the two FFTs
-        v = bronet.kernel_spectrum(kernel, grid)
-        projected = jnp.einsum("fgcr,bfgc->fgrb", jnp.conj(v), spectrum)
-        solved = solve(bronet.regularised_gram(v), projected)
-        out = spectrum - 2.0 * jnp.einsum("fgcr,fgrb->bfgc", v, solved)
-        return jnp.sum(jnp.abs(out) ** 2)
+    def solve_only(solver):  # everything between the two FFTs
+        def part(spectrum, kernel):
+            v = bronet.kernel_spectrum(kernel, grid)
+            projected = jnp.einsum("fgcr,bfgc->fgrb", jnp.conj(v), spectrum)
+            solved = solver(bronet.regularised_gram(v), projected)
+            out = spectrum - 2.0 * jnp.einsum("fgcr,fgrb->bfgc", v, solved)
+            return jnp.sum(jnp.abs(out) ** 2)
+
+        return jax.jit(jax.grad(part, argnums=(0, 1)))
 
     fft_time = timed(jax.jit(jax.grad(fft_only)), x, repeats=repeats)
-    solve_time = timed(jax.jit(jax.grad(solve_only, argnums=(0, 1))), spectrum, kernel, repeats=repeats)
-    return fft_time, solve_time
+    solve_time = timed(solve_only(solve), spectrum, kernel, repeats=repeats)
+    batched_time = timed(solve_only(jnp.linalg.solve), spectrum, kernel, repeats=repeats)
+    return fft_time, solve_time, batched_time
 
 
 def main() -> None:
@@ -68,12 +74,14 @@ def main() -> None:
     step, state, batch, schedule = train_step_timer(config, args.batch)
     whole = time_train_steps(step, state, batch, schedule, args.repeats)
     rank = int(args.width * config.model.rank_ratio)
-    fft_time, solve_time = layer_parts(args.batch, 16, args.width, rank, args.repeats)
+    fft_time, solve_time, batched_time = layer_parts(args.batch, 16, args.width, rank, args.repeats)
     fft_total, solve_total = args.depth * fft_time, args.depth * solve_time
     rest = whole - fft_total - solve_total
     print(f"train step {whole:8.3f} s  ({args.batch / whole:7.1f} img/s)")
     for name, seconds in [("BRO solve", solve_total), ("BRO FFT", fft_total), ("the rest", rest)]:
         print(f"  {name:10s} {seconds:8.3f} s  {100 * seconds / whole:5.1f} %")
+    print(f"  (the BRO solve with jaxlib's batched solve, one layer alone, x {args.depth}: "
+          f"{args.depth * batched_time:.3f} s)")  # fmt: skip
 
 
 if __name__ == "__main__":
