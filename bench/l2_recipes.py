@@ -1,10 +1,11 @@
-"""Training-step throughput of LiResNet++ (CHORD) against the seed's LiResNet, side by side in one run, at the
-small matched sizes of experiments/l2_recipes.py (about 340k-356k parameters) or at any other width / depth.
+"""Training-step throughput of the l_2 recipes of experiments/l2_recipes.py side by side in one run: the
+seed's LiResNet, LiResNet++ (CHORD), BRONet and LOT, at the experiment's matched small sizes (313k-407k
+parameters) or, for the recipes with a width and depth (all but LOT), at any other.
 
 Each figure is certjax's own jitted training step (Trainer.train_step: per-source augmentation, forward,
-loss, backward, optimiser) on random uint8 images, with each recipe's mix when `--pool` is given (LiResNet
-30 % real; LiResNet++ 25 % real with RandAugment on the real rows, pad 2 on the generated ones) and real
-images only otherwise.
+loss, backward, optimiser) on random uint8 images, with each recipe's mix when the pool is on (LiResNet and
+LOT 30 % real; LiResNet++ and BRONet 25 % real with RandAugment on the real rows, pad 2 on the generated
+ones) and real images only otherwise; both mixes are printed.
 
   python bench/l2_recipes.py                    # the experiment's sizes, batch 128, both mixes
   python bench/l2_recipes.py --width 64 --depth 6 --batch 256 --repeats 5
@@ -26,9 +27,9 @@ from experiments.l2_recipes import RECIPES, recipe_config  # noqa: E402
 
 def bench_config(recipe: str, pool: bool, width: int, depth: int):
     config = recipe_config(recipe)
-    if width:
+    if width and "width" in config.model:  # LOT's size is its init channels: it keeps the experiment's
         config.model.width = width
-    if depth:
+    if depth and "depth" in config.model:
         config.model.depth = depth
     config.data.real_fraction = RECIPES[recipe][2] if pool else 1.0
     return config
@@ -36,8 +37,18 @@ def bench_config(recipe: str, pool: bool, width: int, depth: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--width", type=int, default=0, help="override both recipes' width (0: experiment's)")
-    parser.add_argument("--depth", type=int, default=0, help="override both recipes' depth (0: experiment's)")
+    parser.add_argument(
+        "--width",
+        type=int,
+        default=0,
+        help="override the width of the recipes that have one (0: experiment's)",
+    )
+    parser.add_argument(
+        "--depth",
+        type=int,
+        default=0,
+        help="override the depth of the recipes that have one (0: experiment's)",
+    )
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()

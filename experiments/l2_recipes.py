@@ -24,7 +24,9 @@ instead (bench/liresnet.py, bench/bronet.py).
 from __future__ import annotations
 
 import argparse
+import glob
 import json
+import math
 import os
 import re
 import shlex
@@ -170,23 +172,34 @@ def _last_record(path: str) -> dict:
     return lines[-1] if lines else {}
 
 
+def _audit_cell(workdir: str) -> str:
+    """'broken of certified' from the run's newest audit report, or '' when it was not audited."""
+    reports = sorted(glob.glob(os.path.join(workdir, "audit_*.json")), key=os.path.getmtime)
+    if not reports:
+        return ""
+    with open(reports[-1]) as f:
+        audit = json.load(f)
+    return f"{audit['broken']} of {audit['certified_points']} ({audit['num_points']} points)"
+
+
 def table(args) -> str:
-    """One markdown row per run from its results.jsonl (evaluation of the last checkpoint) and train log."""
+    """One markdown row per run: its results.jsonl (the last checkpoint), its train log and its audit."""
     rows = [
         "| recipe | pool | steps | clean | certified 36/255 | train clean | train - test gap | K measured |"
-        " K assumed | img/s (log) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        " K assumed | certified with K assumed | audit: broken | img/s (log) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for recipe in RECIPES:
         for pool in (False, True):
             workdir = run_dir(args, recipe, pool)
             results = os.path.join(workdir, "results.jsonl")
             if not os.path.exists(results):
-                rows.append(f"| {recipe} | {'yes' if pool else 'no'} | (not run) | | | | | | | |")
+                rows.append(f"| {recipe} | {'yes' if pool else 'no'} | (not run) |" + " |" * 9)
                 continue
             record = _last_record(results)
             clean = record.get("clean_accuracy", float("nan"))
             cert = record.get("certified_accuracy", float("nan"))
+            cert_assumed = record.get("certified_accuracy_assumed", float("nan"))
             train_clean = record.get("train_clean_accuracy", float("nan"))
             speed = images_per_second(workdir)
             bounds = record.get("lipschitz", {})  # the body's guaranteed and assumed Lipschitz bounds
@@ -195,10 +208,46 @@ def table(args) -> str:
             rows.append(
                 f"| {recipe} | {'yes' if pool else 'no'} | {record.get('step', 0)} | {100 * clean:.2f} % | "
                 f"{100 * cert:.2f} % | "
-                f"{100 * train_clean:.2f} % | {100 * (train_clean - clean):.2f} | {measured:.4g} | "
-                f"{assumed:.4g} | {speed:.1f} |"
+                f"{100 * train_clean:.2f} % | {100 * (train_clean - clean):.2f} | {measured:.6g} | "
+                f"{assumed:.6g} | {100 * cert_assumed:.2f} % | {_audit_cell(workdir)} | {speed:.1f} |"
             )
     return "\n".join(rows) + "\n"
+
+
+def _certified_points(workdir: str) -> np.ndarray | None:
+    """Per test point, whether the run's last evaluation certified it (eval/radii_step<N>.npz)."""
+    files = glob.glob(os.path.join(workdir, "eval", "radii_step*.npz"))
+    if not files:
+        return None
+    newest = max(files, key=lambda f: int(re.search(r"radii_step(\d+)", f).group(1)))
+    return np.load(newest)["certified"]
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """Exact two-sided sign test: the chance of a split at least this uneven if each point went either way."""
+    n, k = wins + losses, min(wins, losses)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+
+
+def paired(args, first: str = "bronet", second: str = "liresnet_pp") -> str:
+    """Test points certified by one recipe and not the other, with the sign test's p. It measures the test
+    set's sampling only: one training seed per recipe says nothing of the seed-to-seed spread."""
+    lines = []
+    for pool in (False, True):
+        a = _certified_points(run_dir(args, first, pool))
+        b = _certified_points(run_dir(args, second, pool))
+        if a is None or b is None or a.shape != b.shape:
+            continue
+        wins, losses = int((a & ~b).sum()), int((~a & b).sum())
+        difference, p = 100 * (wins - losses) / a.size, sign_test_p(wins, losses)
+        lines.append(
+            f"- {'with' if pool else 'without'} the pool: certified by {first} only {wins:,}, "
+            f"by {second} only {losses:,} of {a.size:,} test points; "
+            f"difference {difference:+.2f} points, sign test p = {p:.3f}"
+        )
+    return "\n".join(lines) + ("\n" if lines else "")
 
 
 def main(argv=None) -> int:
@@ -245,7 +294,7 @@ def main(argv=None) -> int:
             if result.returncode:
                 return result.returncode
     os.makedirs(args.results, exist_ok=True)
-    text = table(args)
+    text = table(args) + "\n" + paired(args)
     with open(os.path.join(args.results, "table.md"), "w") as f:
         f.write(text)
     print(text)

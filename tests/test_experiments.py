@@ -29,3 +29,26 @@ def test_cpu_replication_dry_run():
     assert sum(line.endswith("real_fraction=0.0") for line in train) == 2
     assert sum("data.generated" in line for line in train) == 2 * 3  # fraction 1.0 runs use no pool
     assert sum("certjax.audit" in line for line in lines) == 8 and "certjax.analysis" in lines[-1]
+
+
+def test_l2_recipes_dry_run_matches_the_step_budget():
+    lines = _dry("l2_recipes.py", "--dry-run")
+    train = [line for line in lines if "--mode=train_and_evaluate" in line]
+    assert len(train) == 4 * 2  # recipes x (with, without the pool)
+    # 16 blocks of 40 steps: the seed's epoch for every run without the pool, real-pass epochs (4x) with it
+    assert sum("train.epochs=16" in line for line in train) == 4 + 2
+    assert sum("train.epochs=4" in line for line in train) == 2
+    assert sum("certjax.audit" in line for line in lines) == len(train)
+
+
+def test_sign_test_against_enumerating_every_split():
+    from itertools import product
+
+    from experiments.l2_recipes import sign_test_p
+
+    for wins, losses in [(0, 5), (5, 5), (2, 7), (9, 3), (0, 0)]:
+        n = wins + losses
+        splits = [sum(s) for s in product((0, 1), repeat=n)]  # each point goes either way, p = 1/2
+        extreme = min(wins, losses)
+        tail = sum(min(k, n - k) <= extreme for k in splits) / len(splits)
+        assert abs(sign_test_p(wins, losses) - min(1.0, tail)) < 1e-12
