@@ -18,7 +18,7 @@ def get_common() -> ml_collections.ConfigDict:
     config.seed = 0
 
     config.data = ml_collections.ConfigDict()
-    config.data.dataset = "cifar10"  # cifar10 | cifar100
+    config.data.dataset = "cifar10"  # cifar10 | cifar100 | tiny_imagenet | imagenet64 (DATASETS)
     # Real data: "tfds" (download), "demo" (embedded 5k/1k CIFAR-10 sample), a cifar-*-python.tar.gz, an image
     # folder or zip of class folders; "{split}" in a path is replaced by train / test.
     config.data.real = "tfds"

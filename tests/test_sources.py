@@ -478,7 +478,7 @@ def test_tfds_offline_fails_fast_without_downloading(monkeypatch):
         raise AssertionError("not prepared")
 
     _fake_tfds(monkeypatch, data_source)
-    monkeypatch.setattr(S_tfds, "_download_host_reachable", lambda: False)  # no network traffic from tests
+    monkeypatch.setattr(S_tfds, "_download_host_reachable", lambda hosts: False)  # no network traffic
     with pytest.raises(DataError) as err:
         S.make_real_source("tfds", "train", "cifar10")
     assert calls == [False]  # the download was never started
@@ -493,7 +493,7 @@ def test_tfds_offline(monkeypatch):
         raise ConnectionError("Failed to resolve 'www.cs.toronto.edu'")
 
     _fake_tfds(monkeypatch, offline)
-    monkeypatch.setattr(S_tfds, "_download_host_reachable", lambda: True)
+    monkeypatch.setattr(S_tfds, "_download_host_reachable", lambda hosts: True)
     with pytest.raises(DataError) as err:
         S.make_real_source("tfds", "train", "cifar10")
     message = str(err.value)
@@ -513,7 +513,7 @@ def test_tfds_wrapper(monkeypatch):
         return [{"image": im, "label": np.int64(lb)} for im, lb in zip(images, labels, strict=True)]
 
     _fake_tfds(monkeypatch, data_source)
-    monkeypatch.setattr(S_tfds, "_download_host_reachable", lambda: True)
+    monkeypatch.setattr(S_tfds, "_download_host_reachable", lambda hosts: True)
     src = S.make_real_source("tfds", "test", "cifar100")
     assert calls == [False, True] and len(src) == 6 and src.num_classes == 100
     got_images, got_labels = src.read(np.array([5, 0]))

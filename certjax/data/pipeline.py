@@ -201,12 +201,13 @@ def make_sources(config, *, need_train: bool = True, need_generated: bool = True
     data = config.data
     data_dir = data.get("tfds_data_dir", "") or None
     labels = data.get("labels", "names")  # configs saved before the field: the dataset's names
-    test = sources.make_real_source(data.real, "test", data.dataset, data_dir, labels)
+    cache_dir = data.get("cache_dir", "")
+    test = sources.make_real_source(data.real, "test", data.dataset, data_dir, labels, cache_dir)
     notes: list[str] = []
     train = generated = None
     real_fraction = 1.0
     if need_train:
-        train = sources.make_real_source(data.real, "train", data.dataset, data_dir, labels)
+        train = sources.make_real_source(data.real, "train", data.dataset, data_dir, labels, cache_dir)
         if data.get("real_subset", 0):
             idx = sources.subset_indices(len(train), data.real_subset, data.real_subset_mode, config.seed)
             train = sources.SubsetSource(train, idx)
@@ -221,7 +222,7 @@ def make_sources(config, *, need_train: bool = True, need_generated: bool = True
                 limit=data.get("generated_limit", 0) or None,
                 seed=config.seed,
                 image_shape=test.image_shape,
-                cache_dir=data.get("cache_dir", ""),
+                cache_dir=cache_dir,
             )
             real_fraction = float(data.real_fraction)
         elif not data.get("generated", ""):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from certjax.data.sources.base import DataError
+from certjax.data.sources.base import OFFLINE_OPTIONS, DataError
 
 # CIFAR's images (Krizhevsky 2009): the shape loaders check when they are given no dataset
 IMAGE_SHAPE = (32, 32, 3)
@@ -40,11 +40,13 @@ DEMO_DIR = Path(__file__).parent.parent / "demo"  # certjax/data/demo: the embed
 class DatasetInfo:
     """One dataset: what the model's input and output look like, whatever format the files come in.
 
-    name: the key of `DATASETS` and the value of `config.data.dataset` (and the tensorflow-datasets name).
-    image_shape: (height, width, channels) of every image, uint8 pixels. num_classes: labels lie in
-    [0, num_classes). mean: per-channel pixel mean in [0, 1]. class_names: the class of each label, the
-    names class folders must have (certjax/data/labels.py; None: the dataset declares none, and folders
-    are labelled only as the user says).
+    name: the key of `DATASETS` and the value of `config.data.dataset`. image_shape: (height, width,
+    channels) of every image, uint8 pixels. num_classes: labels lie in [0, num_classes). mean: per-channel
+    pixel mean in [0, 1]. class_names: the class of each label, the names class folders must have
+    (certjax/data/labels.py; None: the dataset declares none, and folders are labelled only as the user
+    says). tfds_name, tfds_test_split, download_hosts: its tensorflow-datasets name ("" = name, None = it
+    has none), the split that is certjax's "test", the hosts a download needs. local_formats: the files a
+    user can pass instead, as an error tells them.
     """
 
     name: str
@@ -52,6 +54,12 @@ class DatasetInfo:
     num_classes: int
     mean: tuple[float, ...]
     class_names: tuple[str, ...] | None = None
+    tfds_name: str | None = ""  # "": the same as name; None: tensorflow-datasets has no builder for it
+    tfds_test_split: str = "test"  # the tensorflow-datasets split certjax's "test" reads
+    # the hosts a tensorflow-datasets download of it fetches from (probed before tfds retries for minutes)
+    download_hosts: tuple[str, ...] = ("storage.googleapis.com", "www.cs.toronto.edu")
+    # what a user is told to pass when the data is not at hand (the offline options of an error)
+    local_formats: str = "an official .tar.gz archive, a .zip or a folder of class folders"
 
 
 DATASETS = {
@@ -60,9 +68,32 @@ DATASETS = {
         # CIFAR-10's label order is not alphabetical; CIFAR-100's fine labels are
         DatasetInfo("cifar10", IMAGE_SHAPE, 10, (0.4914, 0.4822, 0.4465), CIFAR10_CLASSES),
         DatasetInfo("cifar100", IMAGE_SHAPE, 100, (0.5071, 0.4867, 0.4408), CIFAR100_CLASSES),
+        # 64 x 64 (shared/RECIPES.md, "64x64 datasets"); means as SortNet's dataset.py normalises them. Their
+        # class names come with the files: Tiny's wnids.txt (labels = sorted wnids), ImageNet 64x64's
+        # official label order (map_clsloc.txt, labels 1-1000 in the files, 0-999 here)
+        DatasetInfo(
+            "tiny_imagenet", (64, 64, 3), 200, (0.4802, 0.4481, 0.3975), None, None, "test", (),
+            "tiny-imagenet-200.zip or its folder as distributed, or DM-Improves-AT's repacked {split}.npz",
+        ),
+        DatasetInfo(
+            "imagenet64", (64, 64, 3), 1000, (0.4815, 0.4578, 0.4082), None, "imagenet_resized/64x64",
+            "validation", ("image-net.org",),
+            "a folder of the official Imagenet64 batch files (train_data_batch_1..10, val_data; .npz)",
+        ),
     )
-}
+}  # fmt: skip
 NUM_CLASSES = {name: info.num_classes for name, info in DATASETS.items()}
+
+
+def offline_options(dataset: str) -> str:
+    """What to pass when the dataset cannot be downloaded: the CIFAR options, or the dataset's local files."""
+    info = dataset_info(dataset)
+    if info.image_shape == IMAGE_SHAPE:
+        return OFFLINE_OPTIONS
+    return (
+        f"Without internet (or for {dataset}, which tensorflow-datasets may not provide), point the trainer "
+        f"at local data: --config.data.real=PATH with PATH {info.local_formats}"
+    )
 
 
 def dataset_info(dataset: str) -> DatasetInfo:

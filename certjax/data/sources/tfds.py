@@ -1,8 +1,9 @@
-"""CIFAR-10/100 from tensorflow-datasets (``tfds.data_source``): the default real data, fetched on first use.
+"""CIFAR-10/100 and ImageNet 64x64 (imagenet_resized/64x64) from tensorflow-datasets (``tfds.data_source``):
+the default real data, fetched on first use.
 
 Moved from certjax/data/sources.py ("tfds"). tensorflow-datasets needs the internet the first time; offline
 it retries for minutes before failing, so the download hosts are probed first and the error names the
-offline options (`OFFLINE_OPTIONS`) at once (shared/DESIGN.md, "Known facts about the stack").
+offline options (`registry.offline_options`) at once (shared/DESIGN.md, "Known facts about the stack").
 """
 
 from __future__ import annotations
@@ -12,13 +13,12 @@ import logging
 import numpy as np
 
 from certjax.data.sources.base import (
-    OFFLINE_OPTIONS,
     DataError,
     check_image_layout,
     check_index,
     check_labels,
 )
-from certjax.data.sources.registry import IMAGE_SHAPE, dataset_info
+from certjax.data.sources.registry import IMAGE_SHAPE, dataset_info, offline_options
 
 _log = logging.getLogger(__name__)
 
@@ -52,18 +52,15 @@ class TfdsSource:
         return f"TfdsSource({self.name!r}, {len(self)} images)"
 
 
-# Where tfds fetches CIFAR from (its GCS mirror first, then the dataset's home page).
-_DOWNLOAD_HOSTS = (("storage.googleapis.com", 443), ("www.cs.toronto.edu", 443))
-
-
-def _download_host_reachable(timeout: float = 5.0) -> bool:
-    """One TCP connection attempt per host: offline machines answer at once (or time out in seconds),
-    instead of the ~205 s of retries tfds spends before it gives up."""
+def _download_host_reachable(hosts, timeout: float = 5.0) -> bool:
+    """One TCP connection attempt per host (the dataset's `download_hosts`, port 443): offline machines
+    answer at once (or time out in seconds), instead of the ~205 s of retries tfds spends before it gives
+    up."""
     import socket
 
-    for host, port in _DOWNLOAD_HOSTS:
+    for host in hosts:
         try:
-            socket.create_connection((host, port), timeout=timeout).close()
+            socket.create_connection((host, 443), timeout=timeout).close()
             return True
         except OSError:
             continue
@@ -71,37 +68,43 @@ def _download_host_reachable(timeout: float = 5.0) -> bool:
 
 
 def tfds_source(dataset_name: str, split: str, data_dir=None) -> TfdsSource:
-    """A dataset of the registry (CIFAR-10/100) from tensorflow-datasets, downloaded and prepared at first.
+    """A dataset of the registry (CIFAR-10/100, ImageNet 64x64) from tensorflow-datasets, downloaded and
+    prepared at first.
 
     Args:
-      dataset_name: a key of registry.DATASETS, also its tensorflow-datasets name. split: "train" / "test".
+      dataset_name: a key of registry.DATASETS (its `tfds_name` is what is fetched). split: "train" / "test"
+        (the dataset's `tfds_test_split`).
       data_dir: tensorflow-datasets' data dir (None: its default).
 
     Returns:
       A TfdsSource; a DataError naming the offline options when tensorflow-datasets cannot provide it.
     """
     info = dataset_info(dataset_name)
-    where = f"tfds:{dataset_name}[{split}]"
+    options = offline_options(dataset_name)
+    if info.tfds_name is None:
+        raise DataError(f"{dataset_name}: tensorflow-datasets has no builder for it.\n{options}")
+    tfds_name = info.tfds_name or dataset_name
+    tfds_split = info.tfds_test_split if split == "test" else split
+    where = f"tfds:{tfds_name}[{tfds_split}]"
     try:
         import tensorflow_datasets as tfds
     except Exception as e:  # ImportError, or its own imports failing (importlib_resources)
-        raise DataError(f"{where}: cannot import tensorflow_datasets ({e}).\n{OFFLINE_OPTIONS}") from e
+        raise DataError(f"{where}: cannot import tensorflow_datasets ({e}).\n{options}") from e
     try:
         try:
-            ds = tfds.data_source(dataset_name, split=split, data_dir=data_dir, download=False)
+            ds = tfds.data_source(tfds_name, split=tfds_split, data_dir=data_dir, download=False)
         except Exception:
             # Not prepared yet. Offline, tfds retries for ~3.5 minutes before failing: fail fast instead.
-            if not _download_host_reachable():
+            if not _download_host_reachable(info.download_hosts):
                 raise DataError(
                     f"{where}: not prepared in the tfds data dir and the download hosts "
-                    f"({', '.join(h for h, _ in _DOWNLOAD_HOSTS)}) cannot be reached: no internet?\n"
-                    f"{OFFLINE_OPTIONS}"
+                    f"({', '.join(info.download_hosts)}) cannot be reached: no internet?\n{options}"
                 ) from None
-            _log.warning("%s: not prepared yet, downloading. %s", where, OFFLINE_OPTIONS)
-            ds = tfds.data_source(dataset_name, split=split, data_dir=data_dir, download=True)
+            _log.warning("%s: not prepared yet, downloading. %s", where, options)
+            ds = tfds.data_source(tfds_name, split=tfds_split, data_dir=data_dir, download=True)
     except DataError:
         raise
     except Exception as e:  # requests.ConnectionError offline, but tfds raises many types
         reason = f"{type(e).__name__}: {e}"[:400]
-        raise DataError(f"{where}: the download failed ({reason}).\n{OFFLINE_OPTIONS}") from e
+        raise DataError(f"{where}: the download failed ({reason}).\n{options}") from e
     return TfdsSource(ds, info.num_classes, where, info.image_shape)
