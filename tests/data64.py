@@ -21,19 +21,26 @@ WNIDS = [f"n{(7919 * k) % 100003 + 1000000:08d}" for k in range(1, 201)]
 
 
 def cifar_images_64(n: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """`n` real CIFAR-10 images (every 13th of the demo zip, from `start`) resized to uint8 [n, 64, 64, 3],
-    and their CIFAR-10 class index."""
+    """`n` real CIFAR-10 images of the demo zip, the classes in turn (image k: class (start + k) mod 10),
+    resized to uint8 [n, 64, 64, 3], and their CIFAR-10 class index."""
     from PIL import Image
 
     with zipfile.ZipFile(DEMO_TRAIN) as zf:
         names = sorted(n for n in zf.namelist() if n.endswith(".jpg"))
-        classes = sorted({n.split("/")[1] for n in names})
-        picked = [names[(start + 13 * k) % len(names)] for k in range(n)]
+        by_class: dict[str, list[str]] = {}
+        for name in names:
+            by_class.setdefault(name.split("/")[1], []).append(name)
+        classes = sorted(by_class)
+        turns = [(start + k) % len(classes) for k in range(n)]
+        picked = [
+            by_class[classes[c]][((start + k) // len(classes)) % len(by_class[classes[c]])]
+            for k, c in enumerate(turns)
+        ]
         images = [
             np.asarray(Image.open(io.BytesIO(zf.read(p))).convert("RGB").resize((64, 64), Image.BOX))
             for p in picked
         ]
-    return np.stack(images), np.array([classes.index(p.split("/")[1]) for p in picked])
+    return np.stack(images), np.array(turns)
 
 
 def _jpeg(image: np.ndarray, grey: bool = False) -> bytes:
