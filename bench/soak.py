@@ -3,6 +3,7 @@ trainer's resident memory (RSS) and throughput over time. Passes when RSS stays 
 images with positional reads, so pages of the file never count in the process's RSS) and img/s is steady.
 
   python bench/soak.py --minutes 20                     # writes the file once (6.8 GB), then trains
+  python bench/soak.py --minutes 20 --side 64           # 64 x 64 (issue 25): a 6.5 GB file of 64 x 64 rows
 
 The file is a generated-format .npz (`image` uint8 [N, 32, 32, 3], `label` [N], stored uncompressed as
 np.savez writes it), streamed to disk in chunks so that writing it needs little memory either. Its images
@@ -10,6 +11,11 @@ are the real CIFAR-10 training images cycled (a new random order each cycle, eac
 random multiple of 4 pixels); the real source is the JPEG zip: both pipelines run for real. Training is a
 small l_inf-dist Net at 30 % real / 70 % generated, so the run reads millions of generated rows spread over
 the whole file.
+
+At --side 64 the images are the same real CIFAR-10 images resized to 64 x 64 (PIL's box filter), the real
+data is their training and test sets written once as real-format .npz files (the layout of DM-Improves-AT's
+Tiny-ImageNet repack, read in place like the generated file), and the run is the same small net on the
+tiny_imagenet dataset (64 x 64, 200 classes; CIFAR's labels are 0-9 of them).
 
 Prints a table (minute, RSS, img/s) and a summary, and writes it as JSON (atomically) to --report.
 """
@@ -38,13 +44,28 @@ def total_ram_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def write_big_npz(path: str, num_images: int, real: str, seed: int = 0, chunk: int = 50_000) -> None:
-    """Stream a stored .npz of num_images rows to path (via a temporary name, renamed when complete)."""
+def resized(images: np.ndarray, side: int) -> np.ndarray:
+    """uint8 [N, 32, 32, 3] -> [N, side, side, 3] with PIL's box filter (the identity at 32)."""
+    if images.shape[1] == side:
+        return images
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.fromarray(im).resize((side, side), Image.BOX)) for im in images])
+
+
+def real_arrays(real: str, split: str, side: int) -> tuple[np.ndarray, np.ndarray]:
     from certjax.data import sources
 
-    train = sources.make_real_source(real, "train", "cifar10")
-    images, labels = train.read(np.arange(len(train)))
-    images, labels = np.asarray(images, np.uint8), np.asarray(labels, np.int64)
+    source = sources.make_real_source(real, split, "cifar10")
+    images, labels = source.read(np.arange(len(source)))
+    return resized(np.asarray(images, np.uint8), side), np.asarray(labels, np.int64)
+
+
+def write_big_npz(
+    path: str, num_images: int, real: str, seed: int = 0, chunk: int = 50_000, side: int = 32
+) -> None:
+    """Stream a stored .npz of num_images rows to path (via a temporary name, renamed when complete)."""
+    images, labels = real_arrays(real, "train", side)
     rng = np.random.default_rng(seed)
     order = np.concatenate([rng.permutation(len(images)) for _ in range(-(-num_images // len(images)))])
     order = order[:num_images]
@@ -53,7 +74,7 @@ def write_big_npz(path: str, num_images: int, real: str, seed: int = 0, chunk: i
         with zf.open("label.npy", "w", force_zip64=True) as f:
             np.lib.format.write_array(f, labels[order], allow_pickle=False)
         with zf.open("image.npy", "w", force_zip64=True) as f:
-            header = {"descr": "|u1", "fortran_order": False, "shape": (num_images, 32, 32, 3)}
+            header = {"descr": "|u1", "fortran_order": False, "shape": (num_images, side, side, 3)}
             np.lib.format.write_array_header_1_0(f, header)
             for start in range(0, num_images, chunk):
                 idx = order[start : start + chunk]
@@ -79,24 +100,36 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default=os.path.join(REPO, "runs", "soak", "run"))
     parser.add_argument("--report", default=os.path.join(REPO, "runs", "soak", "report.json"))
     parser.add_argument("--sample-seconds", type=float, default=30.0)
+    parser.add_argument("--side", type=int, default=32, choices=(32, 64), help="image side (64: Tiny size)")
     args = parser.parse_args(argv)
+    if args.side == 64:  # its own files and run, beside the 32 x 32 ones
+        args.pool = args.pool.replace(".npz", "_64.npz")
+        args.workdir, args.report = args.workdir + "_64", args.report.replace(".json", "_64.json")
 
     ram = total_ram_bytes()
-    rows = args.images or int(ram / 4 / (32 * 32 * 3) * 1.1)  # 10 % above RAM / 4
+    row_bytes = args.side * args.side * 3
+    rows = args.images or int(ram / 4 / row_bytes * 1.1)  # 10 % above RAM / 4
     if not os.path.exists(args.pool):
         os.makedirs(os.path.dirname(args.pool), exist_ok=True)
         start = time.time()
-        print(f"writing {rows:,} images ({rows * 3072 / 2**30:.2f} GiB) to {args.pool} ...", flush=True)
-        write_big_npz(args.pool, rows, args.real)
+        print(f"writing {rows:,} images ({rows * row_bytes / 2**30:.2f} GiB) to {args.pool} ...", flush=True)
+        write_big_npz(args.pool, rows, args.real, side=args.side)
         print(f"  written in {time.time() - start:.0f} s", flush=True)
     size = os.path.getsize(args.pool)
     print(
         f"generated file {args.pool}: {size / 2**30:.2f} GiB = {size / ram:.2f} x RAM ({ram / 2**30:.1f} GiB)"
     )
 
+    real, dataset = args.real, "cifar10"
+    if args.side == 64:
+        real, dataset = os.path.join(os.path.dirname(args.pool), "real64-{split}.npz"), "tiny_imagenet"
+        for split in ("train", "test"):
+            if not os.path.exists(real.format(split=split)):
+                images, labels = real_arrays(args.real, split, 64)
+                np.savez(real.format(split=split), image=images, label=labels)
     command = [
         sys.executable, os.path.join(REPO, "launch.py"), "--config=configs/linf_dist.py:demo",
-        f"--workdir={args.workdir}", f"--config.data.real={args.real}",
+        f"--workdir={args.workdir}", f"--config.data.real={real}", f"--config.data.dataset={dataset}",
         f"--config.data.generated={args.pool}", "--config.data.real_fraction=0.3",
         "--config.model.depth=3", "--config.model.width=32", "--config.train.batch_size=128",
         "--config.train.epochs=1000", "--config.train.log_every_steps=100",

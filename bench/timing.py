@@ -21,8 +21,9 @@ def timed(fn, *args, repeats: int) -> float:
 
 def train_step_timer(config, batch_size: int, num_real: int | None = None):
     """(step, state, batch, schedule) for certjax's own jitted training step (Trainer.train_step:
-    augmentation, forward, loss, backward, optimiser) on random uint8 images; the embedded demo test split
-    only gives Experiment its class count (no dataset is read for training). num_real: rows taken as real
+    augmentation, forward, loss, backward, optimiser) on random uint8 images of the config's dataset's shape;
+    for CIFAR-10 the embedded demo test split only gives Experiment its class count, for the other datasets
+    the registry does (no dataset is read for training). num_real: rows taken as real
     images (the rest as generated ones, for per-source augmentation); default all."""
     import numpy as np
 
@@ -30,14 +31,17 @@ def train_step_timer(config, batch_size: int, num_real: int | None = None):
     from certjax.optim import schedules
     from certjax.train import Trainer
 
-    config.data.real = "demo"
     config.train.batch_size = batch_size
-    experiment = Experiment(config, data="test")
+    if config.data.dataset == "cifar10":
+        config.data.real = "demo"
+        experiment = Experiment(config, data="test")
+    else:  # another dataset (64 x 64): its shape and classes from the registry, no file read
+        experiment = Experiment(config, data="none")
     trainer = Trainer(experiment, num_real=num_real)
     rng = np.random.default_rng(0)
     batch = experiment.global_batch(
         {
-            "image": rng.integers(0, 256, (batch_size, 32, 32, 3), dtype=np.uint8),
+            "image": rng.integers(0, 256, (batch_size, *experiment.image_shape), dtype=np.uint8),
             "label": rng.integers(0, experiment.num_classes, (batch_size,), dtype=np.int32),
         }
     )

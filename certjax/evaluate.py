@@ -135,7 +135,12 @@ def _generated_count(exp) -> int:
     limit = config.data.get("generated_limit", 0) or None
     cache_dir = config.data.get("cache_dir", "")
     source = GeneratedNpzSource(
-        config.data.generated, exp.num_classes, limit=limit, seed=config.seed, cache_dir=cache_dir
+        config.data.generated,
+        exp.num_classes,
+        limit=limit,
+        seed=config.seed,
+        image_shape=exp.image_shape,  # the model's (64 x 64 for Tiny-ImageNet), not CIFAR's default
+        cache_dir=cache_dir,
     )
     return len(source)
 

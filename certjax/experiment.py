@@ -134,7 +134,12 @@ class Experiment:
     def _init(self, rng):
         init_rng, state_rng = jax.random.split(rng)
         dummy = jnp.zeros((2, *self.image_shape), jnp.float32)
-        variables = self.model.init(init_rng, dummy, jnp.float32(jnp.inf), train=False)
+        output, variables = self.model.init_with_output(init_rng, dummy, jnp.float32(jnp.inf), train=False)
+        if output.logits.shape != (2, self.num_classes):  # e.g. a head that is not 1 x 1 at this image size
+            raise ValueError(
+                f"the {self.config.model.name} network gives logits of shape {output.logits.shape[1:]} for "
+                f"images of shape {tuple(self.image_shape)}, expected ({self.num_classes},) (one per class)"
+            )
         params = variables.pop("params")
         return TrainState(
             step=jnp.zeros((), jnp.int32),

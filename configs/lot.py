@@ -3,12 +3,16 @@
   python launch.py --config=configs/lot.py:S --workdir=runs/lot_s               # LipConvNet-10, multistep
   python launch.py --config=configs/lot.py:M,cosine --workdir=runs/lot_m_cos    # LipConvNet-20, cosine
   python launch.py --config=configs/lot.py:L,cifar100 --workdir=runs/lot_l_c100
+  python launch.py --config=configs/lot.py:S,tiny_imagenet --workdir=runs/lot_tiny \\
+      --config.data.real=/data/tiny-imagenet-200.zip                  # 64 x 64, no published recipe
   python launch.py --config=configs/lot.py:S,demo --workdir=runs/lot_demo       # CPU, minutes, offline
   python launch.py --config=configs/lot.py:demo,tiny --workdir=runs/lot_tiny    # the tests' tiny run
 
 Variants: size S | M | L (LipConvNet-10/20/40, default S), schedule multistep (the original: per step x0.1 at
 50 % and 75 % of training) | cosine (the seed paper's alternative), cifar100, lln (normalised last layer
-instead of the 1x1 LOT layer), demo (embedded sample, init_channels 8, a few epochs), tiny (the tests' tiny
+instead of the 1x1 LOT layer), tiny_imagenet (Tiny-ImageNet-200 at 64 x 64 with the CIFAR recipe, which
+LOT never published: after the five stages the 2 x 2 map is folded into the channels by space-to-depth, so the
+1x1 head sees one pixel), demo (embedded sample, init_channels 8, a few epochs), tiny (the tests' tiny
 run, tests/conftest.py: 1 epoch of 4 steps at batch 64 on 256 images, 250 test images, init_channels 4, the
 cosine schedule at lr 0.05, certify.eps 0.02, so not with multistep; with demo for the embedded sample).
 
@@ -27,6 +31,7 @@ VARIANT_NOTES = {
     "multistep": "the original lr schedule, x0.1 at 50 % and 75 % of training (the default)",
     "cosine": "cosine annealing instead (the seed paper's alternative, its Table 4)",
     "cifar100": "CIFAR-100 (normalised with CIFAR-10's mean and std, as LOT does)",
+    "tiny_imagenet": "Tiny-ImageNet-200 at 64 x 64, unchanged otherwise (no published recipe): see above",
     "lln": "a normalised last layer instead of the 1x1 LOT layer",
     "demo": "the embedded 5k/1k CIFAR-10 sample, init channels 8, 8 epochs: minutes on a CPU, offline",
     "tiny": "the tests' tiny run (with demo): 1 epoch of 4 steps, init channels 4, cosine; seconds",
@@ -76,6 +81,10 @@ def get_config(arg: str = "S"):
     if "cifar100" in parts:
         # LOT's utils.py get_loaders normalises CIFAR-100 with the CIFAR-10 mean and std 0.2507 as well.
         config.data.dataset = "cifar100"
+    if "tiny_imagenet" in parts:
+        # No 64 x 64 recipe exists (AI-secure/Layerwise-Orthogonal-Training is CIFAR only): the CIFAR recipe,
+        # its normalisation, 200 classes; LipConvNet folds its final 2 x 2 map into the channels.
+        config.data.dataset = "tiny_imagenet"
     if "demo" in parts:
         use_demo_data(config, depth=0, width=0)
         del config.model["depth"], config.model["width"]

@@ -144,7 +144,7 @@ def _from_npz(path: Path, image_shape) -> UserImages:
     from certjax.inference.images import as_images
 
     try:
-        images = as_images(images)
+        images = as_images(images, image_shape)
     except ValueError as error:
         raise DataError(f"{path}: 'image': {error}") from error
     names = [f"{path.name}:{i}" for i in range(len(images))]

@@ -178,7 +178,8 @@ class LipConvNet(nn.Module):
 
     In a stage the first blocks - 1 are stride 1 kernel 3 and the last is stride 2 (kernel 1 in stage 5),
     doubling the channels: init_channels 32 gives 3 -> 32 ... -> 64@16, 128@8, 256@4, 512@2, 1024@1. The last
-    layer is a 1x1 LOT layer (row-orthonormal) or, with lln, a normalised linear layer.
+    layer is a 1x1 LOT layer (row-orthonormal) or, with lln, a normalised linear layer. Inputs larger than
+    32 x 32 (a side 32 * 2^k) leave a 2^k x 2^k map after stage 5, folded by space-to-depth into 1 x 1.
     """
 
     blocks: int = 2
@@ -215,6 +216,11 @@ class LipConvNet(nn.Module):
                 )
                 h = max_min(conv(h))
             planes *= 2
+        # After five stages a 32 x 32 image is one pixel; a larger one (64 x 64: 2 x 2) is folded into the
+        # channels by space-to-depth (a permutation of coordinates: norm-preserving) until it is, so the
+        # head sees a 1 x 1 map and gives one logit per class at every input size (issue 25).
+        while h.shape[1] > 1:
+            h = space_to_depth(h)
         if self.lln:
             logits = NormalizedLinear(self.num_classes, name="last")(h)
         else:

@@ -182,6 +182,8 @@ def certified_logits64(variables, x, frozen_name: str, normalized_rows):
         h, local = lot_layer(h, frozen[name]["weights"], params[name]["bias"], k, sigma)
         h = _max_min(h)
         error = sigma * error + local
+    while h.shape[1] > 1:  # as LipConvNet: a map larger than 1 x 1 is folded into the channels
+        h = _space_to_depth(h)
     if "last" in frozen:  # the 1x1 LOT head on a 1 x 1 grid, bounded as the body layers
         sigma = jnp.asarray(frozen["last"]["sigma_bound"], jnp.float64)
         kernel = params["last"]["kernel"]
