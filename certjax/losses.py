@@ -72,6 +72,52 @@ def hinge(logits, logit_scale, labels, schedule, loss_config, logit_bounds=None)
 LOSS_BOUNDS = ("lipschitz", "ibp")
 
 
+def ce_hinge(logits, logit_scale, labels, schedule, loss_config, logit_bounds=None):
+    """SortNet's hybrid-model loss (zbh2047/SortNet main.py `ce_hinge`, with `SortHybridModel`'s bounds):
+
+    correct_b * max(0, max_{j != y} s u_j + 1) + lam * CE(s z, y),
+
+    u_j >= z_j - z_y the interval bound over the eps_train box (logit_bounds, the trainer's with
+    loss.bound = "ibp"; certjax.certify.interval.margin_upper_bounds), s the logit scale, correct_b whether
+    the clean prediction argmax z is y (no gradient), lam = schedule["lam"] (geometric from loss.lam0 to
+    loss.lam_end with the p schedule's progress, certjax.optim.schedules). The original's max over all
+    classes of (s u_j + 1) with 0 at j = y is the max(0, ...) above.
+    """
+    del loss_config
+    if logit_bounds is None:
+        raise ValueError("ce_hinge needs interval bounds of the logits: set loss.bound='ibp'")
+    from certjax.certify.interval import margin_upper_bounds
+
+    worst = mask_true_class(logit_scale * margin_upper_bounds(*logit_bounds, labels) + 1.0, labels, 0.0)
+    correct = (jnp.argmax(logits, axis=-1) == labels).astype(logits.dtype)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logit_scale * logits, labels)
+    return correct * jnp.max(worst, axis=-1) + schedule["lam"] * ce
+
+
+def ibp_cross_entropy(logits, logit_scale, labels, schedule, loss_config, logit_bounds=None):
+    """l_inf-dist Net+MLP loss (zbh2047/L_inf-dist-net main.py `Loss` around `cross_entropy`, with the
+    worst-case margins of model/bound_module.py `BoundFinalLinear`):
+
+    kappa * CE(u, y) + (1 - kappa) * CE(z, y),
+
+    u_j >= z_j - z_y the interval bound over the eps_train box (logit_bounds, the trainer's with
+    loss.bound = "ibp"; certjax.certify.interval.margin_upper_bounds), u_y = 0; z the raw logits (the
+    original feeds CE the margins z - z_y, the same CE: it is shift invariant). kappa = loss.kappa, fixed
+    (the original sets it to --kappa at every step). No logit scale: the original has none.
+    """
+    del logit_scale, schedule
+    if logit_bounds is None:
+        raise ValueError("ibp_cross_entropy needs interval bounds of the logits: set loss.bound='ibp'")
+    from certjax.certify.interval import margin_upper_bounds
+
+    kappa = loss_config.get("kappa", 1.0)
+    worst = optax.softmax_cross_entropy_with_integer_labels(
+        margin_upper_bounds(*logit_bounds, labels), labels
+    )
+    clean = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return kappa * worst + (1.0 - kappa) * clean
+
+
 def emma(logits, pair_bound, labels, schedule, loss_config):
     """EMMA-style margin loss of LiResNet (hu23 snapshot, margin_layer_v2): every other logit raised by what
     an eps_train perturbation can gain on it, z'_i = z_i + eps_train * K_yi (K_yi = K ||w_y - w_i||, the
@@ -157,6 +203,8 @@ LOSSES = {
     "cross_entropy": cross_entropy,
     "mixture": mixture,
     "hinge": hinge,
+    "ce_hinge": ce_hinge,
+    "ibp_cross_entropy": ibp_cross_entropy,
     "emma": emma,
     "emma_exact": emma_exact,
     "gloro_trades": gloro_trades,

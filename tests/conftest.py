@@ -177,7 +177,8 @@ MODULE_SECONDS = {
     "test_api": 260, "test_golden": 250, "test_lot": 250, "test_train": 175, "test_parallel": 160,
     "test_liresnet": 130, "test_sortnet": 110, "test_audit": 90, "test_failures": 60, "test_liresnet_pp": 60,
     "test_gpu_check": 50, "test_families": 40, "test_spectral": 60, "test_lot_certify": 35,
-    "test_new_family": 25, "test_bronet": 150, "test_solve": 20,
+    "test_new_family": 25, "test_bronet": 150, "test_solve": 20, "test_64": 240, "test_sortnet_hybrid": 90,
+    "test_label_check": 45,
 }  # fmt: skip
 
 

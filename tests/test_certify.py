@@ -175,3 +175,20 @@ def test_pair_lipschitz_matrix_rounds_up_and_ignores_the_diagonal():
     assert np.all(k[off].astype(np.float64) >= bounds[off])  # never below the float64 bound
     assert np.all(np.nextafter(k[off], np.float32(0)).astype(np.float64) < bounds[off])  # the least such
     assert np.all(np.diag(k) == 1.0) and bounds[0, 0] != 1.0  # the input is not modified
+
+
+def test_a_nan_or_an_unbounded_margin_never_certifies():
+    """inf / inf (a family claiming no margin bound, with an infinite forward error) and NaN logits give NaN
+    ratios; XLA:CPU's min drops NaNs, so before the guard such a point came out with a radius of 3.4e38."""
+    from certjax.certify.interval import ibp_certified
+    from certjax.certify.margins import certify_from_margins, linf_certify
+
+    logits = jnp.array([[3.0, 0.0, 0.0], [0.0, 5.0, jnp.nan]])
+    labels = jnp.array([0, 1])
+    out = certify_from_margins(logits, labels, jnp.full((2, 3), 2.0), 0.01, jnp.zeros(2), pixel_scale=0.2)
+    assert out["radius"][0] > 0.01 and out["radius"][1] == 0.0 and not out["certified"][1]
+    unbounded = np.full((3, 3), np.inf, np.float32)
+    np.fill_diagonal(unbounded, 0.0)
+    out = linf_certify(logits[:1], labels[:1], 0.01, (0.2, 0.2, 0.2), jnp.array([jnp.inf]), unbounded)
+    assert out["radius"][0] == 0.0 and not out["certified"][0]
+    assert list(ibp_certified(logits, logits - 0.1, logits + 0.1, labels)) == [True, False]

@@ -87,7 +87,15 @@ def test_list_shows_every_family_its_variants_notes_and_published_figures(capsys
     assert result.returncode == 0, result.stderr
     assert cli.main(["certjax", "list"]) == 0 and capsys.readouterr().out == result.stdout
     families = _family_modules()
-    assert set(families) == {"linf_dist", "sortnet", "lot", "liresnet", "liresnet_pp", "bronet"}
+    assert set(families) == {
+        "linf_dist",
+        "sortnet",
+        "lot",
+        "liresnet",
+        "liresnet_pp",
+        "bronet",
+        "sortnet_hybrid",
+    }
     sections = re.split(r"\n\n", result.stdout)[1:]
     assert [section.split()[0] for section in sections] == sorted(families)
     for (name, module), section in zip(sorted(families.items()), sections):

@@ -16,6 +16,8 @@ _LINF_TINY = {"model.depth": 3, "model.width": 32, "certify.eps": 2 / 255}
 _OLD_TINY_RUNS = {
     "linf_dist": ("configs/linf_dist.py", "demo", _LINF_TINY),
     "sortnet": ("configs/sortnet.py", "demo,nodropout", _LINF_TINY),
+    "sortnet_hybrid": ("configs/sortnet_hybrid.py", "demo",
+                       {**_LINF_TINY, "model.depth": 4, "model.hidden": 16, "model.mode": "exact"}),
     "lot": ("configs/lot.py", "S,demo,cosine",
             {"model.init_channels": 4, "optimizer.lr": 0.05, "certify.eps": 0.02}),
     "liresnet": ("configs/liresnet.py", "XS,demo",

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from certjax.certify.margins import mask_true_class, rounding_slack, true_class_logit
-from certjax.certify.rounding import FLOAT32_UNIT_ROUNDOFF
+from certjax.certify.rounding import FLOAT32_UNIT_ROUNDOFF, gamma
 from certjax.kernels.linf_dist import KERNELS
 
 _TINY = float(np.finfo(np.float32).tiny)
@@ -327,5 +327,113 @@ def ibp_certified(logits, logit_lower, logit_upper, labels):
     attacker evaluates inside them as well."""
     correct = jnp.argmax(logits, axis=-1) == labels
     true_lower = true_class_logit(logit_lower, labels)
-    gap = mask_true_class(true_lower - logit_upper - rounding_slack(true_lower, logit_upper), labels, jnp.inf)
+    gap = true_lower - logit_upper - rounding_slack(true_lower, logit_upper)
+    gap = mask_true_class(jnp.where(jnp.isnan(gap), -jnp.inf, gap), labels, jnp.inf)  # a NaN proves nothing
     return correct & (jnp.min(gap, axis=-1) > 0.0)
+
+
+# ------------------------------------------------------------------------ dense layers and tanh (IBP head)
+# SortNet's hybrid head (zbh2047/SortNet core/models/bound_basic_module.py BoundLinear, BoundTanh,
+# BoundFinalLinear; certjax/models/sortnet_hybrid.py). Every rule below returns bounds that contain two things
+# for every input in its box: the exact real-number layer, and the float32 forward of the network
+# (matmuls at precision HIGHEST, jnp.tanh), so that the float32 network an attacker evaluates stays inside
+# them as well. Higham's gamma_n (certjax.certify.rounding.gamma) bounds a float32 dot product of n terms,
+# in any summation order, FMA or not: |fl(sum) - sum| <= gamma_n sum |terms|.
+
+# |jnp.tanh(a) - tanh(a)| for every float32 a, as an absolute bound: XLA's float32 tanh is a rational
+# approximation, not correctly rounded; measured on XLA:CPU its error is at most ~4.4 float32 ulps near 1
+# (2.6e-7 at a = -5.75). 2^-16 (1.5e-5) is 58 times that, so that another backend's few-ulp tanh stays far
+# inside it; tests/test_sortnet_hybrid.py measures the error against float64 on a dense sweep (run it on
+# every backend that certifies) and asserts it stays below a sixteenth of this bound. An implementation bound,
+# tested, not proved.
+TANH_ABSOLUTE_ERROR = 2.0**-16
+
+
+def dense(x, kernel):
+    """x [B, I] times kernel [O, I] transposed, in float32 at HIGHEST precision (never TF32: the rounding
+    bounds below are float32's). The forward of the head and its bounds use this one product."""
+    return jnp.matmul(x, kernel.T, precision=jax.lax.Precision.HIGHEST)
+
+
+def _magnitude(lower, upper):
+    return jnp.maximum(jnp.abs(lower), jnp.abs(upper))
+
+
+def linear_bounds(lower, upper, kernel, bias):
+    """Interval of y = kernel x + bias over x in [lower, upper] ([B, I] -> [B, O]), split form.
+
+    upper(y) = K+ upper + K- lower + b and lower(y) = K+ lower + K- upper + b (K+ = max(K, 0),
+    K- = min(K, 0)): each a sum of 2 I + 1 terms whose absolute values add up to at most S = |K| m + |b|,
+    m = max(|lower|, |upper|), so float32 errs by at most gamma_(2I+1) S; the forward fl(K x + b) of any
+    float32 x in the box errs by at most gamma_(I+1) S; S computed errs by a factor <= 1 / (1 - gamma_(I+1)).
+    Both ends move out by 2 gamma_(2I+2) S_computed (>= (gamma_(2I+1) + gamma_(I+1)) S, about
+    1.5 gamma_(2I+2) S) and are then
+    rounded outward (one more ulp for the subtraction itself).
+
+    Args:
+      lower, upper: [B, I] bounds of the input. kernel: [O, I]. bias: [O].
+    Returns:
+      The Interval of the output [B, O] (differentiable in every argument).
+    """
+    _check(lower, upper, kernel)
+    positive, negative = jnp.maximum(kernel, 0.0), jnp.minimum(kernel, 0.0)
+    hi = dense(upper, positive) + dense(lower, negative) + bias
+    lo = dense(lower, positive) + dense(upper, negative) + bias
+    size = dense(_magnitude(lower, upper), jnp.abs(kernel)) + jnp.abs(bias)
+    allowance = 2.0 * gamma(2 * kernel.shape[1] + 2, np.float32) * size
+    return Interval(*round_outward(lo - allowance, hi + allowance))
+
+
+def tanh_bounds(lower, upper):
+    """Interval of tanh(x) over x in [lower, upper]: tanh is increasing, so [tanh(lower), tanh(upper)].
+
+    Each end moves out by 2 TANH_ABSOLUTE_ERROR: one for jnp.tanh of the end itself, one for jnp.tanh of the
+    forward (its float32 tanh(a) is within TANH_ABSOLUTE_ERROR of tanh(a) >= tanh(lower)); then rounded
+    outward.
+    """
+    widen = 2.0 * TANH_ABSOLUTE_ERROR
+    return Interval(*round_outward(jnp.tanh(lower) - widen, jnp.tanh(upper) + widen))
+
+
+def pair_linear_bounds(lower, upper, kernel, bias, classes):
+    """Bounds of z_j - z_k for z = kernel t + bias over t in [lower, upper], k = classes[b]: rows w_j - w_k
+    (the original's BoundFinalLinear; tighter than upper(z_j) - lower(z_k)).
+
+    With c = fl((lower + upper) / 2) and r >= max(upper - c, c - lower) (rounded up, so the box lies in
+    [c - r, c + r] exactly), z_j - z_k <= (w_j - w_k) c + |w_j - w_k| r + b_j - b_k. In float32: zc = fl(W c
+    + b) errs by gamma_(I+1) S (S = |W| (|c| + r) + |b|, which also bounds the forward's error at any t of
+    the box), R = fl(|fl(w_j - w_k)| r) by gamma_(I+2) R, and the three final additions by 3 u T, with T =
+    |zc_j| + |zc_k| + S_j + S_k + R: 2 gamma_(I+1) (S_j + S_k) for zc and the forward, both classes, plus
+    gamma_(I+2) R + 3 u T is below 2 gamma_(I+8) T; 3 gamma_(I+8) T (T itself is computed) is added outward,
+    then rounded out.
+
+    Args:
+      lower, upper: [B, I] bounds of t. kernel: [C, I]. bias: [C]. classes: [B] int, the class k of each
+        example (the certified one).
+    Returns:
+      Interval [B, C] of z_j - z_k, exactly 0 at j = k.
+    """
+    _check(lower, upper, kernel)
+    center = (lower + upper) * 0.5
+    radius = _rounded(jnp.maximum(upper - center, center - lower), _round_up)
+    at_center = dense(center, kernel) + bias
+    size = dense(jnp.abs(center) + radius, jnp.abs(kernel)) + jnp.abs(bias)
+    rows = kernel[classes]  # [B, I]: w_k
+    # |w_j - w_k| r, one example at a time in chunks: no [B, C, I] tensor of the whole batch is held
+    chunk = max(1, _BLOCK_ELEMENTS // max(kernel.size, 1))
+    spread = jax.lax.map(
+        lambda args: jnp.sum(jnp.abs(kernel - args[0][None, :]) * args[1][None, :], axis=-1),
+        (rows, radius),
+        batch_size=min(chunk, lower.shape[0]),
+    )
+    gap = at_center - true_class_logit(at_center, classes)
+    total = (
+        jnp.abs(at_center)
+        + jnp.abs(true_class_logit(at_center, classes))
+        + size
+        + true_class_logit(size, classes)
+        + spread
+    )
+    allowance = 3.0 * gamma(kernel.shape[1] + 8, np.float32) * total
+    lo, hi = round_outward(gap - spread - allowance, gap + spread + allowance)
+    return Interval(mask_true_class(lo, classes, 0.0), mask_true_class(hi, classes, 0.0))

@@ -94,7 +94,11 @@ def certify_from_margins(logits, labels, margin_lipschitz, eps, logit_error, *, 
     logits = logits.astype(jnp.float32)
     true_logit = true_class_logit(logits, labels)
     slack = rounding_slack(true_logit, logits) + 2.0 * logit_error[:, None]
-    per_class = mask_true_class((true_logit - logits - slack) / margin_lipschitz, labels, jnp.inf)
+    ratio = (true_logit - logits - slack) / margin_lipschitz
+    # A NaN proves nothing (inf / inf where a family claims no bound and its error is infinite, or a NaN
+    # logit): it must never reach the min below, which XLA:CPU computes by dropping NaNs (found issue 25).
+    ratio = jnp.where(jnp.isnan(ratio), -jnp.inf, ratio)
+    per_class = mask_true_class(ratio, labels, jnp.inf)
     radius_normalised = jnp.maximum(jnp.min(per_class, axis=-1), 0.0)
     # Round the pixel radius down so that it never exceeds the normalised one times min(std).
     radius = jnp.nextafter(radius_normalised * pixel_scale, jnp.float32(0))
@@ -109,15 +113,19 @@ def linf_certify(logits, labels, eps: float, std, logit_error=None, pair_lipschi
     """l_inf certificate for networks whose every logit is 1-Lipschitz in l_inf (normalised space).
 
     logit_error: optional [B] bound of the absolute float32 error of every logit of each example.
-    pair_lipschitz: unused (every margin is 2-Lipschitz); accepted so that certifiers share one signature.
+    pair_lipschitz: None (every margin is 2-Lipschitz: the 1-Lipschitz families), or the family's own [C, C]
+    bound of every margin (inf where it claims none: sortnet_hybrid's tanh head).
     """
-    del pair_lipschitz
     if logit_error is None:
         logit_error = jnp.zeros(logits.shape[:1], jnp.float32)
+    if pair_lipschitz is None:
+        lipschitz = margin_lipschitz_linf(logits)
+    else:  # the row of the class each margin is taken against: [B, C]
+        lipschitz = jnp.asarray(pair_lipschitz, logits.dtype)[labels]
     return certify_from_margins(
         logits,
         labels,
-        margin_lipschitz_linf(logits),
+        lipschitz,
         round_up_float32(eps),
         logit_error,
         pixel_scale=pixel_radius_scale(std),

@@ -18,10 +18,19 @@ from certjax.optim.schedules import SCHEDULES, learning_rate_schedule
 __all__ = ["OPTIMIZERS", "SCHEDULES", "learning_rate_schedule", "make_optimizer"]
 
 
-def _parameter_groups(params):
-    """ "scale" for the logit scale (its own learning rate), "main" for every other parameter."""
+def _parameter_groups(params, decayed_modules=()):
+    """ "scale" for the logit scale (its own learning rate), "decayed" for the parameters of the modules whose
+    name starts with one of `decayed_modules`, "main" for every other parameter."""
+
+    def group(path) -> str:
+        if path[-1] == "logit_scale":
+            return "scale"
+        if decayed_modules and str(path[0]).startswith(tuple(decayed_modules)):
+            return "decayed"
+        return "main"
+
     flat = traverse_util.flatten_dict(params)
-    return traverse_util.unflatten_dict({k: "scale" if k[-1] == "logit_scale" else "main" for k in flat})
+    return traverse_util.unflatten_dict({k: group(k) for k in flat})
 
 
 def make_optimizer(opt_config, total_steps: int, steps_per_epoch: int):
@@ -47,12 +56,17 @@ def make_optimizer(opt_config, total_steps: int, steps_per_epoch: int):
     build = OPTIMIZERS[opt_config.name]
     scale_lr = opt_config.get("scale_lr", 0.0) or opt_config.lr
     scale_schedule = learning_rate_schedule(opt_config, scale_lr, total_steps, steps_per_epoch)
-    # SortNet decays only the non-distance parameters (the logit scale): optimizer.decay_scale_only.
+    # SortNet decays only the non-distance parameters: the logit scale (optimizer.decay_scale_only) and,
+    # in its hybrid model, the head's modules (optimizer.decayed_modules: name prefixes, at the main rate).
     main_decay = not opt_config.get("decay_scale_only", False)
-    tx = optax.multi_transform(
-        {"main": build(opt_config, schedule, main_decay), "scale": build(opt_config, scale_schedule, True)},
-        _parameter_groups,
-    )
+    decayed_modules = tuple(opt_config.get("decayed_modules", ()) or ())
+    transforms = {
+        "main": build(opt_config, schedule, main_decay),
+        "scale": build(opt_config, scale_schedule, True),
+    }
+    if decayed_modules:  # a third group only when asked: the other runs keep their optimiser state's layout
+        transforms["decayed"] = build(opt_config, schedule, True)
+    tx = optax.multi_transform(transforms, lambda params: _parameter_groups(params, decayed_modules))
     if opt_config.get("clip_norm", 0.0):
         tx = optax.chain(optax.clip_by_global_norm(opt_config.clip_norm), tx)
     spec = opt_config.get("lookahead", None)

@@ -19,6 +19,12 @@ with `train.epochs` (the seed trains 800 / 1600 epochs).
 An optional eps ramp (`config.loss.eps_ramp` = dict(start, end, end_fraction)) scales eps_train per epoch:
 eps_t = eps_train * (start + (end - start) * min(epoch / (end_fraction * epochs), 1)) with the whole epochs
 done so far (LiResNet, hu23 snapshot train.py eps_fn: 0.1 eps -> 1.5 eps over the first half).
+
+An optional eps schedule (`config.loss.eps_schedule` = dict(kind, end_fraction[, start_fraction, smooth]))
+scales eps_train by a shape of the step progress r from start_fraction to end_fraction (zbh2047/SortNet
+main.py create_schedule, `--epochs` eps start / end and `--eps-smooth`): kind "linear" is r; kind "smooth"
+(smooth = s > 0) is k r^4 while r < s, k = 1 / ((4 - 3 s) s^3), then the straight line through (s, k s^4)
+and (1, 1), which meets the quartic with the same slope 4 / (4 - 3 s).
 """
 
 from __future__ import annotations
@@ -151,6 +157,28 @@ def geometric(start: float, end: float, t: float) -> float:
     return start * (end / start) ** t
 
 
+EPS_SCHEDULE_KINDS = ("linear", "smooth")
+
+
+def eps_schedule_factor(kind: str, ratio: float, smooth: float = 0.0) -> float:
+    """The fraction of eps_train at progress `ratio` in [0, 1] (module docstring; the original's "linear"
+    when smooth is 0).
+
+    Args:
+      kind: "linear" or "smooth". ratio: the eps progress. smooth: the quartic's extent s (eps-smooth).
+    Returns:
+      The factor in [0, 1].
+    """
+    if kind not in EPS_SCHEDULE_KINDS:
+        raise ValueError(f"loss.eps_schedule.kind {kind!r}; valid: {', '.join(EPS_SCHEDULE_KINDS)}")
+    if kind == "linear" or smooth == 0:
+        return ratio
+    k = 1.0 / ((4.0 - 3.0 * smooth) * smooth**3)
+    if ratio < smooth:
+        return k * ratio**4
+    return (1.0 - k * smooth**4) / (1.0 - smooth) * (ratio - 1.0) + 1.0
+
+
 def schedule_values(config, step: int, total_steps: int) -> dict[str, float]:
     """Host-side values for this step, to be passed to the train step as traced float32 scalars.
 
@@ -179,6 +207,10 @@ def schedule_values(config, step: int, total_steps: int) -> dict[str, float]:
         epoch = (step * epochs) // max(total_steps, 1)  # whole epochs done
         t = min(epoch / max(ramp.end_fraction * epochs, 1e-12), 1.0)
         values["eps_train"] *= ramp.start + (ramp.end - ramp.start) * t
+    shape = config.loss.get("eps_schedule")
+    if shape is not None:
+        t = progress(step, total_steps, shape.get("start_fraction", 0.0), shape.end_fraction)
+        values["eps_train"] *= eps_schedule_factor(shape.kind, t, shape.get("smooth", 0.0))
     if "lam0" in config.loss:
         values["lam"] = geometric(config.loss.lam0, config.loss.lam_end, lam_t)
     else:
