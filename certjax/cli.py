@@ -7,6 +7,7 @@ certify with a family's config file, list the families, print and check a resolv
   certjax --workdir=runs/linf --mode=certify --images=my_images.zip --out=certified.csv
   certjax list
   certjax config --config=configs/lot.py:S,cosine --config.train.epochs=10
+  certjax check-labels --workdir=runs/linf --generated=/data/cifar10_edm_1m.npz --limit=20000
 
 Training resumes from the latest checkpoint in --workdir and writes the resolved config to
 <workdir>/config.json. Evaluation and certification read the config saved with the checkpoint (so --config
@@ -34,13 +35,17 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from certjax import config_files
-from certjax.cli_checks import MODES, BadInput, check_config_arguments, check_run_arguments
+from certjax.cli_checks import MODES, BadInput, check_checkpoint, check_config_arguments, check_run_arguments
 
 # The commands (the keys) besides the modes, and what each does (the help prints them).
 COMMANDS = {
     "list": "the families in configs/, their variants, what each is for and the published figures",
     "config": "print the config of --config=FILE[:VARIANTS] after its --config.KEY=VALUE overrides, as "
     "JSON, and check it",
+    "check-labels": "score the labels of a generated .npz (--generated=FILE) with the model of a run trained "
+    "on the real data (--workdir=RUN, --checkpoint; --limit=N random images, --batch_size=B, "
+    "--min_label_agreement=F): agreement, per class, the best permutation; a JSON report to --out (default "
+    "<FILE>.labels.json) that training reads; exit 1 when the labels fail",
 }
 HELP_FLAGS = frozenset({"--help", "-h", "-?", "--helpshort", "--helpfull"})
 EXAMPLES = [line.strip() for line in __doc__.splitlines() if line.startswith("  certjax ")]
@@ -188,6 +193,7 @@ def help_text() -> str:
             "usage: certjax --config=FILE[:VARIANTS] --workdir=DIR [--mode=MODE] [--config.KEY=VALUE ...]",
             "       certjax list",
             "       certjax config --config=FILE[:VARIANTS] [--config.KEY=VALUE ...]",
+            textwrap.fill(CHECK_LABELS_USAGE, width=110, initial_indent=" " * 7, subsequent_indent=" " * 29),
             "(python -m certjax and python launch.py take the same arguments)",
             "",
             "Train, evaluate and certify certified-robust (Lipschitz) image classifiers.",
@@ -245,6 +251,65 @@ def config_command(argv: list[str]) -> int:
     sys.stdout.write(config_files.resolved_config_json(values.config))
     print(f"certjax: config valid for {jax.device_count()} device(s)", file=sys.stderr)
     return 0
+
+
+CHECK_LABELS_USAGE = (
+    "certjax check-labels --workdir=RUN --generated=FILE.npz [--checkpoint=best|last|STEP] [--limit=N] "
+    "[--batch_size=B] [--out=REPORT.json] [--min_label_agreement=F]"
+)
+
+
+def check_labels_flags(argv: list[str]) -> flags.FlagValues:
+    """The flags of `certjax check-labels` (its own set: the run's flags mean nothing to it), parsed."""
+    values = flags.FlagValues()
+    define = dict(flag_values=values)
+    flags.DEFINE_string("workdir", None, "the run whose model scores the labels", **define)
+    flags.DEFINE_string("generated", None, "the generated .npz (image, label)", **define)
+    flags.DEFINE_string("checkpoint", "best", "best, last or a step of --workdir", **define)
+    flags.DEFINE_integer("limit", 0, "a fixed random subset of N images (0: all)", **define)
+    flags.DEFINE_integer("batch_size", 0, "images per forward (0: the run's eval batch)", **define)
+    flags.DEFINE_string("out", "", "the JSON report (default <FILE>.labels.json)", **define)
+    flags.DEFINE_float("min_label_agreement", 0.5, "pass: agreement >= F x clean accuracy", **define)
+    try:
+        rest = values(argv, known_only=True)
+    except flags.Error as error:
+        raise BadInput("usage", f"{error} ({CHECK_LABELS_USAGE})") from None
+    if len(rest) > 1:
+        names = [f"--{name}" for name in values]
+        close = difflib.get_close_matches(rest[1].split("=")[0], names, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise BadInput(
+            "usage", f"certjax check-labels: unknown argument {rest[1]}{hint}; {CHECK_LABELS_USAGE}"
+        )
+    return values
+
+
+def check_labels_command(argv: list[str]) -> int:
+    """`certjax check-labels ...` (certjax/label_check.py): 0 when the labels pass, 1 when they fail."""
+    values = check_labels_flags(argv)
+    if not values.workdir or not values.generated:
+        raise BadInput("usage", f"certjax check-labels needs --workdir and --generated: {CHECK_LABELS_USAGE}")
+    check_checkpoint(values.workdir, values.checkpoint, must_exist=True)
+    if not os.path.isfile(values.generated):
+        raise BadInput("data", f"--generated={values.generated}: no such file (a generated .npz)")
+    if values.limit < 0 or values.batch_size < 0:
+        raise BadInput("usage", "--limit and --batch_size must be >= 0 (0: all images, the run's batch)")
+    if not 0.0 <= values.min_label_agreement <= 1.0:
+        raise BadInput("usage", f"--min_label_agreement={values.min_label_agreement}: must be in [0, 1]")
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # orbax's INFO lines on restore
+    from certjax import label_check
+    from certjax.data.sources import DataError
+
+    try:
+        report = label_check.check_labels(values.workdir, values.generated, values.checkpoint, values.limit,
+                                          values.batch_size, values.min_label_agreement)  # fmt: skip
+        path = label_check.write_report(report, values.out)
+    except DataError as error:
+        raise BadInput("data", str(error)) from None
+    print("\n".join(label_check.report_lines(report, path)), flush=True)
+    return 0 if report["passed"] else 1
 
 
 # ---------------------------------------------------------------------------------------------------- run
@@ -331,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
             return list_command(args[1:])
         if args[:1] == ["config"]:
             return config_command(argv[:1] + args[1:])
+        if args[:1] == ["check-labels"]:
+            return check_labels_command(argv[:1] + args[1:])
         values, rest = parse_flags(argv)
         parse_absl_flags(rest, values)
         check_run_arguments(values)

@@ -269,6 +269,7 @@ def data_errors(config) -> list[str]:
         f"{fraction!r}; the real share of every batch must be in [0, 1] (0.3 = the paper's 30 % real)",
     )
     errors += epoch_definition_errors(config)
+    errors += label_check_errors(config)
     errors.one_of("data.dataset", NUM_CLASSES)
     errors.one_of("data.real_subset_mode", SUBSET_MODES)
     mean, std = tuple(config.data.mean), tuple(config.data.std)
@@ -278,6 +279,32 @@ def data_errors(config) -> list[str]:
         "data.std",
         f"{std}; 3 positive values (one per RGB channel)",
     )
+    return errors
+
+
+def label_check_errors(config) -> list[str]:
+    """data.label_report (a path, "" = found beside the generated file) and data.min_label_agreement (a
+    fraction of the checking model's clean accuracy, certjax/label_check.py); configs saved before them have
+    neither."""
+    errors = ErrorList(config)
+    report, minimum = errors.value("data.label_report"), errors.value("data.min_label_agreement")
+    if report is not None and not isinstance(report, str):
+        errors.append(
+            f'data.label_report: {report!r}; a path to a JSON report of certjax check-labels, or ""'
+        )
+    elif report and not config.data.get("generated", ""):
+        errors.append(
+            f"data.label_report: {report!r} without data.generated: a label report is of a generated file; "
+            "set both or neither"
+        )
+    if minimum is not None:
+        number = isinstance(minimum, (int, float)) and not isinstance(minimum, bool)
+        errors.need(
+            number and 0.0 <= minimum <= 1.0,
+            "data.min_label_agreement",
+            f"{minimum!r}; a fraction in [0, 1] of the checking model's clean accuracy (default 0.5; 0 = "
+            "never stop a run on its labels)",
+        )
     return errors
 
 

@@ -34,6 +34,7 @@ from certjax import checkpoints
 from certjax.config_checks import check_config
 from certjax.config_files import resolved_config_json
 from certjax.experiment import Experiment, TrainState
+from certjax.label_check import check_training_labels
 from certjax.optim import schedules
 from certjax.progress import Progress
 from certjax.train_metrics import NO_STEP, NonFiniteError, TrainMetrics, batch_accuracies
@@ -164,6 +165,8 @@ def train_and_evaluate(
     check_config(config, device_count=jax.device_count(), process_count=jax.process_count())
     warmup_note = schedules.fit_warmup(config)  # a short run of a recipe with a warmup: scaled, said once
     exp = Experiment(config)  # before the workdir exists: bad data leaves no empty workdir behind
+    # a generated file whose label report failed stops here, before the workdir exists (certjax/label_check)
+    check_training_labels(config, exp.num_classes)
     if final is not None and final.isdigit():
         every, keep = config.checkpoint.every_epochs, config.checkpoint.keep
         kept = checkpoints.kept_steps(config.train.epochs, exp.steps_per_epoch, every, keep)

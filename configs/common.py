@@ -30,6 +30,12 @@ def get_common() -> ml_collections.ConfigDict:
     config.data.real_subset_mode = "random"  # first | random (fixed by seed)
     config.data.generated = ""  # path to an EDM .npz; "" = real data only
     config.data.generated_limit = 0  # 0 = all; else a fixed random subset of N images
+    # the `certjax check-labels` report of data.generated (certjax/label_check.py): "" = the file's
+    # <generated>.labels.json beside it, else in the user's cache folder; none: the run goes on, saying so
+    config.data.label_report = ""
+    # a run stops when the report's agreement (the checking model predicts the file's label) is below this
+    # fraction of that model's clean accuracy: about half the classes mislabelled; 0 = never stop
+    config.data.min_label_agreement = 0.5
     # where a compressed generated .npz (np.savez_compressed) is extracted once: "" = beside the file when
     # that folder is writable, else $XDG_CACHE_HOME/certjax (~/.cache/certjax); an uncompressed one is read
     # in place
