@@ -101,6 +101,7 @@ def main(argv=None) -> int:
     parser.add_argument("--report", default=os.path.join(REPO, "runs", "soak", "report.json"))
     parser.add_argument("--sample-seconds", type=float, default=30.0)
     parser.add_argument("--side", type=int, default=32, choices=(32, 64), help="image side (64: Tiny size)")
+    parser.add_argument("--every", type=int, default=5, help="epochs between evaluations and checkpoints")
     args = parser.parse_args(argv)
     if args.side == 64:  # its own files and run, beside the 32 x 32 ones
         args.pool = args.pool.replace(".npz", "_64.npz")
@@ -133,8 +134,8 @@ def main(argv=None) -> int:
         f"--config.data.generated={args.pool}", "--config.data.real_fraction=0.3",
         "--config.model.depth=3", "--config.model.width=32", "--config.train.batch_size=128",
         "--config.train.epochs=1000", "--config.train.log_every_steps=100",
-        "--config.train.eval_subset=500", "--config.train.eval_every_epochs=5",
-        "--config.checkpoint.every_epochs=5",
+        "--config.train.eval_subset=500", f"--config.train.eval_every_epochs={args.every}",
+        f"--config.checkpoint.every_epochs={args.every}",
     ]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=REPO)
     proc = subprocess.Popen(

@@ -586,3 +586,27 @@ def test_messages_name_files_not_python_reprs(tmp_path):
     with pytest.raises(DataError) as err:
         S.GeneratedNpzSource(tmp_path / "x.npz", 10)
     assert re.match(re.escape(str(tmp_path / "x.npz")), str(err.value))
+
+
+def test_tfds_imagenet64_is_imagenet_resized_and_its_validation_split(monkeypatch):
+    """Online users get ImageNet 64x64 from tensorflow-datasets' imagenet_resized/64x64, whose evaluation
+    split is "validation"; offline, the error names the local files to pass instead."""
+    calls = []
+    image = np.zeros((64, 64, 3), np.uint8)
+
+    def data_source(name, split, data_dir, download):
+        calls.append((name, split))
+        return [{"image": image, "label": np.int64(999)}]
+
+    _fake_tfds(monkeypatch, data_source)
+    source = S.make_real_source("tfds", "test", "imagenet64")
+    assert calls == [("imagenet_resized/64x64", "validation")] and source.image_shape == (64, 64, 3)
+    assert source.num_classes == 1000 and source[0][1] == 999
+
+    def offline(*args, **kwargs):
+        raise AssertionError("not prepared")
+
+    _fake_tfds(monkeypatch, offline)
+    monkeypatch.setattr(S_tfds, "_download_host_reachable", lambda hosts: hosts != ("image-net.org",))
+    with pytest.raises(DataError, match="(?s)image-net.org.*cannot be reached.*official Imagenet64 batch"):
+        S.make_real_source("tfds", "train", "imagenet64")
