@@ -47,7 +47,9 @@ def test_api_equals_evaluate_bit_for_bit(tiny_run, family):
     images, labels = make_real_source("demo", "test", "cifar10").read(np.arange(1000))
     model = certjax.restore(str(workdir), checkpoint="best")
     assert model.info["family"] == family and model.info["step"] == record["step"]
-    assert model.info["threat_model"] == ("linf" if family in ("linf_dist", "sortnet") else "l2")
+    assert model.info["threat_model"] == (
+        "linf" if family in ("linf_dist", "sortnet", "sortnet_hybrid") else "l2"
+    )
     out = model.certify(images, labels=labels)
     np.testing.assert_array_equal(out["prediction"], saved["prediction"])
     np.testing.assert_array_equal(out["radius"], saved["radius"])  # bit for bit
