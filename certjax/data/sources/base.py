@@ -8,6 +8,7 @@ naming the file, the problem and the fix, so that it fails before training, not 
 from __future__ import annotations
 
 import operator
+import os
 from typing import Protocol
 
 import numpy as np
@@ -89,3 +90,18 @@ def check_index(index, n) -> int:
     if not 0 <= i < n:
         raise IndexError(f"index {index} out of range for a source of {n} elements")
     return i
+
+
+def pread_into(fd: int, part: memoryview, offset: int, where) -> None:
+    """Fill `part` with the bytes of the open file `fd` from `offset` by positional reads (no shared file
+    position, so reader threads may share `fd`), straight into `part` where the OS has preadv. One read
+    returns at most ~2 GB on Linux, hence the loop; an OSError naming `where` if the file ends early."""
+    while len(part):
+        if hasattr(os, "preadv"):
+            got = os.preadv(fd, [part], offset)
+        else:
+            data = os.pread(fd, len(part), offset)
+            part[: len(data)], got = data, len(data)
+        if got <= 0:
+            raise OSError(f"{where}: short read; the file changed on disk")
+        part, offset = part[got:], offset + got

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from certjax.data.sources.base import DataError, check_index, check_num_classes
+from certjax.data.sources.base import DataError, check_index, check_num_classes, pread_into
 
 IMAGENET64_SHAPE = (64, 64, 3)
 ROW_BYTES = math.prod(IMAGENET64_SHAPE)  # 12288: one image's three 64x64 planes
@@ -303,16 +303,7 @@ class Imagenet64Source:
             if got != len(part):
                 raise OSError(f"{self.files[k]}: short read; the file changed on disk")
             return
-        fd = self._handles[k].fileno()
-        while len(part):  # a single read returns at most ~2 GB on Linux
-            if hasattr(os, "preadv"):  # straight into the batch, no intermediate bytes
-                got = os.preadv(fd, [part], offset)
-            else:
-                data = os.pread(fd, len(part), offset)
-                part[: len(data)], got = data, len(data)
-            if got <= 0:
-                raise OSError(f"{self.files[k]}: short read; the file changed on disk")
-            part, offset = part[got:], offset + got
+        pread_into(self._handles[k].fileno(), part, offset, self.files[k])
 
     def _read_rows(self, rows: np.ndarray) -> np.ndarray:
         """Images [n, 64, 64, 3] of global rows `rows`, one positional read per run of consecutive rows."""

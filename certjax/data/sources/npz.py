@@ -28,6 +28,7 @@ from certjax.data.sources.base import (
     check_index,
     check_labels,
     check_num_classes,
+    pread_into,
 )
 from certjax.data.sources.registry import IMAGE_SHAPE
 from certjax.outputs import publish_mode
@@ -252,16 +253,7 @@ class GeneratedNpzSource:
         breaks = (np.flatnonzero(np.diff(rows) != 1) + 1).tolist()
         for start, end in zip([0, *breaks], [*breaks, len(rows)], strict=True):
             part = buf[start * self._row_bytes : end * self._row_bytes]
-            offset = self._offset + int(rows[start]) * self._row_bytes
-            while len(part):  # a single read returns at most ~2 GB on Linux
-                if hasattr(os, "preadv"):  # straight into the batch, no intermediate bytes
-                    got = os.preadv(fd, [part], offset)
-                else:
-                    data = os.pread(fd, len(part), offset)
-                    part[: len(data)], got = data, len(data)
-                if got <= 0:
-                    raise OSError(f"{self._file}: short read; the file changed on disk")
-                part, offset = part[got:], offset + got
+            pread_into(fd, part, self._offset + int(rows[start]) * self._row_bytes, self._file)
         return out
 
     def __len__(self) -> int:
