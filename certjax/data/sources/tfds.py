@@ -82,7 +82,7 @@ def tfds_source(dataset_name: str, split: str, data_dir=None) -> TfdsSource:
     info = dataset_info(dataset_name)
     options = offline_options(dataset_name)
     if info.tfds_name is None:
-        raise DataError(f"{dataset_name}: tensorflow-datasets has no builder for it.\n{options}")
+        raise DataError(f"{dataset_name}: tensorflow-datasets has no builder for it\n{options}")
     tfds_name = info.tfds_name or dataset_name
     tfds_split = info.tfds_test_split if split == "test" else split
     where = f"tfds:{tfds_name}[{tfds_split}]"
